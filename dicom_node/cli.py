@@ -1,0 +1,289 @@
+"""The ``dicom-node`` command: serve, check-config, echo, send, status, retry, analyze, batch, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import NodeConfig, build_config, load_config, merge, parse_destination
+from dicom_node.errors import ConfigError, DeliveryFailed
+
+logger = logging.getLogger("dicom_node")
+
+DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "PIL", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="node configuration (TOML)")
+    parser.add_argument("--ae-title", help="the node's AE title (node.ae_title)")
+    parser.add_argument("--port", type=int, help="DICOM port to listen on (node.port)")
+    parser.add_argument("--data-dir", type=Path, help="spool, ledger and results (node.data_dir)")
+    parser.add_argument(
+        "--destination", action="append", default=[], metavar="AET@HOST:PORT",
+        help="send results there (repeatable; adds to [destinations])",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Build the effective configuration: the file (if any), then the command-line overrides."""
+    overrides: dict[str, Any] = {"node": {}}
+    if args.ae_title:
+        overrides["node"]["ae_title"] = args.ae_title
+    if args.port is not None:
+        overrides["node"]["port"] = args.port
+    if args.data_dir is not None:
+        overrides["node"]["data_dir"] = str(args.data_dir)
+    for text in args.destination:
+        name, table = parse_destination(text)
+        overrides.setdefault("destinations", {})[name] = table
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    return build_config(merge({}, overrides), source="command line")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.daemon import Node
+
+    config = config_from_args(args)
+    node = Node(config)
+    host, port = node.start()
+    logger.info("dicom-node %s serving on %s:%d, data in %s", config.node.ae_title, host, port,
+                config.node.data_dir)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: node.request_stop())
+    try:
+        node.run()
+    finally:
+        logger.info("stopping: no new associations, draining running jobs")
+        node.stop()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dicom_node.plugins import create_analyses
+
+    config = config_from_args(args)
+    create_analyses(config.analyses)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.config import Destination
+    from dicom_node.sender import echo
+    from dicom_node.status import describe
+
+    _, table = parse_destination(args.peer)
+    code = echo(Destination(**table), calling_ae_title=args.calling_ae)
+    print(f"C-ECHO {args.peer}: {describe(code)}")
+    return 0 if code == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.config import Destination
+    from dicom_node.offline import iter_dicom_files
+    from dicom_node.sender import send_files
+
+    _, table = parse_destination(args.peer)
+    files = iter_dicom_files(args.paths)
+    if not files:
+        print("no files to send", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    stored = send_files(files, Destination(**table), calling_ae_title=args.calling_ae)
+    print(f"sent {len(stored)} instance(s) to {args.peer} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _ledger(args: argparse.Namespace) -> Any:
+    from dicom_node.ledger import Ledger
+
+    config = config_from_args(args)
+    path = config.node.data_dir / "ledger.sqlite3"
+    if not path.exists():
+        raise ConfigError(f"no ledger at {path}: has the node run with this data directory?")
+    return Ledger(path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    studies = ledger.study_rows(limit=args.limit)
+    jobs = ledger.job_rows(limit=args.limit)
+    if args.json:
+        print(json.dumps({"counts": ledger.counts(), "studies": studies, "jobs": jobs}, indent=2))
+        return 0
+    print(f"Studies ({len(studies)} shown)")
+    for st in studies:
+        print(f"  {st['study_uid']}  {st['state']:<9} generation {st['generation']}"
+              f"  {st['instance_count']} instance(s)")
+    print(f"Jobs ({len(jobs)} shown)")
+    for job in jobs:
+        sent = ", ".join(f"{d['destination']}:{d['state']}" for d in job["deliveries"]) or "-"
+        print(f"  {job['uid']}  {job['analysis']:<12} {job['state']:<14} deliveries {sent}")
+        print(f"      study {job['study_uid']} series {job['series_uid'] or '-'}")
+        volumes = job["summary"].get("measurements")
+        if volumes:
+            print("      " + "; ".join(
+                f"{m['structure'] or m['name']} {m['value']:.1f} {m['unit']}" for m in volumes))
+        if job["reason"]:
+            print(f"      reason: {job['reason']}")
+        for d in job["deliveries"]:
+            if d["last_error"]:
+                print(f"      {d['destination']}: {d['state']} after {d['attempts']} attempt(s):"
+                      f" {d['last_error']}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    now = time.time()
+    if args.job:
+        requeued = ledger.retry_job(args.job)
+        redelivered = ledger.redeliver(now, args.job)
+        print(f"job {args.job}: {'re-queued' if requeued else 'not re-queued'},"
+              f" {redelivered} dead-lettered delivery(ies) re-queued")
+        return 0 if requeued or redelivered else 1
+    print(f"{ledger.redeliver(now)} dead-lettered delivery(ies) re-queued")
+    return 0
+
+
+def _offline_config(args: argparse.Namespace) -> NodeConfig:
+    config = load_config(args.config) if args.config else build_config({})
+    if args.analysis:
+        unknown = set(args.analysis) - set(config.analyses)
+        if unknown:
+            raise ConfigError(f"unknown analysis: {', '.join(sorted(unknown))}")
+        config = config.model_copy(
+            update={"analyses": {k: v for k, v in config.analyses.items() if k in args.analysis}}
+        )
+    return config
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dicom_node.offline import analyze_study
+    from dicom_node.plugins import create_analyses
+
+    config = _offline_config(args)
+    analyses = create_analyses(config.analyses)
+    for analysis in analyses.values():
+        analysis.load(args.device)
+    summary = analyze_study(args.study, args.out, config, analyses)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from dicom_node.offline import run_batch
+
+    config = _offline_config(args)
+    summary = run_batch(args.studies, args.out, config, workers=args.workers, device=args.device)
+    print(f"{summary['succeeded']} of {summary['studies']} studies succeeded;"
+          f" summary in {args.out / 'summary.json'}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_train_hippocampus(args: argparse.Namespace) -> int:
+    from inference.hippocampus.train import train
+
+    metrics = train(args.data, args.out, epochs=args.epochs, seed=args.seed, device=args.device,
+                    progress=print)
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``dicom-node`` command."""
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node: receive, analyse, send")
+    _add_config_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration and print the effective one")
+    _add_config_arguments(p)
+    p.set_defaults(func=cmd_check_config)
+
+    for name, func, help_text in (
+        ("echo", cmd_echo, "C-ECHO a DICOM peer"),
+        ("send", cmd_send, "C-STORE files or folders to a DICOM peer"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("peer", metavar="AET@HOST:PORT")
+        p.add_argument("--calling-ae", default="DICOMNODE", help="our AE title (default DICOMNODE)")
+        if name == "send":
+            p.add_argument("paths", nargs="+", type=Path)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("status", help="studies and jobs from the ledger, with failure reasons")
+    _add_config_arguments(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="re-queue a job, or every dead-lettered delivery")
+    _add_config_arguments(p)
+    p.add_argument("job", nargs="?", help="job uid (default: all dead-lettered deliveries)")
+    p.set_defaults(func=cmd_retry)
+
+    for name, func, help_text in (
+        ("analyze", cmd_analyze, "run the analyses on one study folder, offline"),
+        ("batch", cmd_batch, "run the analyses on many study folders in parallel"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name == "analyze":
+            p.add_argument("study", type=Path)
+        else:
+            p.add_argument("studies", type=Path, nargs="+")
+            p.add_argument("--workers", "-j", type=int, default=2)
+        p.add_argument("--out", "-o", type=Path, required=True)
+        p.add_argument("--config", "-c", type=Path)
+        p.add_argument("--analysis", "-a", action="append", help="only this analysis (repeatable)")
+        p.add_argument("--device", default="cpu")
+        p.set_defaults(func=func)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True)
+    p = train.add_parser("hippocampus", help="train the hippocampus U-Net on MSD Task04")
+    p.add_argument("--data", type=Path, default=Path("../shared/data/hippocampus-msd"))
+    p.add_argument("--out", type=Path, default=Path("inference/hippocampus/weights/hippocampus_unet3d.pt"))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_train_hippocampus)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except DeliveryFailed as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The Storage SCP: persist each instance durably, record it, then acknowledge; nothing more."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import status
+from dicom_node.config import NodeSettings
+from dicom_node.errors import RejectedInstance
+from dicom_node.ledger import InstanceRecord, Ledger
+from dicom_node.spool import Spool, is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+#: PS3.8 Table 9-21: A-ASSOCIATE-RJ result "rejected-permanent", source "service-user".
+_REJECTED_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_NO_REASON_GIVEN = 0x01
+_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+class ReceiveCounters:
+    """Thread-safe counts of instances stored and rejected, by reason."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.stored = 0
+        self.bytes = 0
+        self.rejected: Counter[str] = Counter()
+
+    def add_stored(self, size_bytes: int) -> None:
+        with self._lock:
+            self.stored += 1
+            self.bytes += size_bytes
+
+    def add_rejected(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment[:64]
+    return rsp
+
+
+def series_attributes(ds: Dataset) -> dict[str, Any]:
+    """Return the series-level attributes selection rules look at, as ledger columns."""
+
+    def number(keyword: str) -> Any:
+        value = ds.get(keyword)
+        try:
+            return None if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            return None
+
+    def numbers(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        try:
+            return json.dumps([float(v) for v in value]) if value else None
+        except (TypeError, ValueError):
+            return None
+
+    frames = number("NumberOfFrames")
+    return {
+        "modality": str(ds.get("Modality", "")),
+        "description": str(ds.get("SeriesDescription", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "manufacturer": str(ds.get("Manufacturer", "")),
+        "rows": ds.get("Rows"),
+        "columns": ds.get("Columns"),
+        "orientation": numbers("ImageOrientationPatient"),
+        "pixel_spacing": numbers("PixelSpacing"),
+        "slice_thickness": number("SliceThickness"),
+        "number_of_frames": int(frames) if frames is not None else None,
+    }
+
+
+class StorageSCP:
+    """Receives instances over DICOM and stores them in the spool and the ledger.
+
+    Parameters
+    ----------
+    settings
+        The ``[node]`` section of the configuration.
+    spool, ledger
+        Where files and state go.
+    clock
+        Returns the current time in seconds; injected so tests control it.
+    on_stored
+        Called (in the association's thread) after an instance is recorded; used to wake
+        the grouper. Must be quick.
+    """
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        ledger: Ledger,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.ledger = ledger
+        self.clock = clock
+        self.on_stored = on_stored
+        self.counters = ReceiveCounters()
+        self._server: ThreadedAssociationServer | None = None
+        self._allowed_addresses = frozenset(settings.allowed_addresses)
+
+    def build_ae(self) -> AE:
+        """Return the application entity with every storage SOP class and transfer syntax."""
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.network_timeout = self.settings.network_timeout_s
+        ae.require_called_aet = self.settings.require_called_ae_title
+        if self.settings.allowed_calling_ae_titles:
+            ae.require_calling_aet = list(self.settings.allowed_calling_ae_titles)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads; return the bound (host, port)."""
+        handlers = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_CONN_OPEN, self.handle_conn_open),
+            (evt.EVT_REQUESTED, self.handle_requested),
+        ]
+        ae = self.build_ae()
+        self._server = ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        host, port = self._server.server_address[:2]
+        logger.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, host, port)
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        """Stop accepting associations and wait for the open ones to end."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            logger.info("Storage SCP stopped")
+
+    # -- event handlers (pynetdicom threads) -------------------------------------------
+
+    def handle_conn_open(self, event: Event) -> None:
+        """Disable Nagle's algorithm: without it every instance waits ~40 ms for an ACK."""
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_requested(self, event: Event) -> None:
+        """Reject associations from addresses outside the allow-list, when one is set."""
+        if not self._allowed_addresses:
+            return
+        address = event.assoc.requestor.address
+        if address not in self._allowed_addresses:
+            logger.warning(
+                "rejected association from %s (AE %s): address not in node.allowed_addresses",
+                address, event.assoc.requestor.ae_title,
+            )
+            event.assoc.acse.send_reject(_REJECTED_PERMANENT, _SOURCE_SERVICE_USER, _NO_REASON_GIVEN)
+
+    def handle_echo(self, event: Event) -> int:
+        """Answer C-ECHO."""
+        return status.SUCCESS
+
+    def handle_store(self, event: Event) -> int | Dataset:
+        """Store one instance durably and record it before answering success."""
+        calling = event.assoc.requestor.ae_title
+        try:
+            record, series = self._store(event, calling)
+        except RejectedInstance as exc:
+            self.counters.add_rejected(status.describe(exc.status))
+            logger.warning(
+                "refused instance %s from %s: %s (%s)",
+                event.request.AffectedSOPInstanceUID, calling, exc.reason,
+                status.describe(exc.status),
+            )
+            return _failure(exc.status, exc.reason)
+        self.counters.add_stored(record.size_bytes)
+        if self.on_stored is not None:
+            self.on_stored(record.study_uid)
+        return status.SUCCESS
+
+    def _store(self, event: Event, calling: str) -> tuple[InstanceRecord, dict[str, Any]]:
+        try:
+            ds = event.dataset
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            sop_class = str(ds.get("SOPClassUID", ""))
+            series = series_attributes(ds)
+        except Exception as exc:  # pydicom raises many types for corrupt data
+            raise RejectedInstance(
+                status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"
+            ) from exc
+        for keyword, uid in (
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+            ("SOPInstanceUID", sop_uid),
+        ):
+            if not is_valid_uid(uid):
+                problem = "missing" if not uid else f"invalid ({uid[:24]!r})"
+                raise RejectedInstance(status.INVALID_IDENTIFIERS, f"{keyword} is {problem}")
+        request = event.request
+        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
+            raise RejectedInstance(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class/Instance UID in the data set differ from the C-STORE request",
+            )
+        if self.spool.free_bytes() < self.settings.min_free_disk_bytes:
+            raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full")
+        data = event.encoded_dataset(include_meta=True)
+        path = self.spool.path_for(study_uid, series_uid, sop_uid)
+        try:
+            self.spool.write(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full") from exc
+            raise RejectedInstance(
+                status.PROCESSING_FAILURE, f"cannot write instance: {exc.strerror}"
+            ) from exc
+        record = InstanceRecord(
+            sop_instance_uid=sop_uid,
+            series_uid=series_uid,
+            study_uid=study_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            path=str(path),
+            size_bytes=len(data),
+            calling_ae_title=calling,
+            received_at=self.clock(),
+        )
+        try:
+            self.ledger.record_instance(record, series)
+        except Exception as exc:  # sqlite3 errors: disk full, locked beyond timeout
+            raise RejectedInstance(
+                status.OUT_OF_RESOURCES, f"cannot record instance in the ledger: {exc}"
+            ) from exc
+        return record, series

@@ -1,0 +1,118 @@
+"""C-STORE of result files to a destination: one association per job and destination, every status checked."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from dicom_node import status
+from dicom_node.config import Destination
+from dicom_node.errors import DeliveryFailed
+
+logger = logging.getLogger(__name__)
+
+
+def _nodelay(event: Event) -> None:
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_files(
+    files: Sequence[Path | str],
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    timeout_s: float = 60.0,
+) -> list[str]:
+    """Send DICOM files to ``destination`` over one association.
+
+    Returns
+    -------
+    list[str]
+        The SOP Instance UIDs the peer stored (success or warning status).
+
+    Raises
+    ------
+    DeliveryFailed
+        ``retryable=True`` when the peer could not be reached, aborted or timed out, or
+        answered a failure that may be transient; ``retryable=False`` when a file is
+        missing or unreadable, or the peer rejected the association permanently.
+    """
+    headers: list[tuple[Path, Dataset]] = []
+    for path in files:
+        try:
+            headers.append((Path(path), pydicom.dcmread(path, stop_before_pixels=True)))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise DeliveryFailed(f"file {path} is unreadable: {exc}", retryable=False) from exc
+    ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in headers}
+    if len(contexts) > 128:
+        raise DeliveryFailed("more than 128 SOP class/transfer syntax pairs", retryable=False)
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+    )
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    if assoc.is_rejected:
+        raise DeliveryFailed(f"{where} rejected the association", retryable=True)
+    if not assoc.is_established:
+        raise DeliveryFailed(f"cannot connect to {where}", retryable=True)
+    stored = []
+    try:
+        for path, ds in headers:
+            rsp = assoc.send_c_store(path)
+            code = getattr(rsp, "Status", None)
+            if code is None:
+                raise DeliveryFailed(
+                    f"{where} gave no C-STORE response for {ds.SOPInstanceUID} (timeout or abort)",
+                    retryable=True,
+                )
+            if not status.is_stored(int(code)):
+                comment = rsp.get("ErrorComment", "")
+                raise DeliveryFailed(
+                    f"{where} refused {ds.SOPInstanceUID}: {status.describe(int(code))} {comment}".strip(),
+                    retryable=True,
+                )
+            stored.append(str(ds.SOPInstanceUID))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return stored
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 10.0) -> int:
+    """C-ECHO a peer; return the status, or raise :class:`DeliveryFailed` when unreachable."""
+    ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    if not assoc.is_established:
+        raise DeliveryFailed(f"cannot associate with {where}", retryable=True)
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(rsp, "Status", None)
+    if code is None:
+        raise DeliveryFailed(f"{where} did not answer the C-ECHO", retryable=True)
+    return int(code)
+
+
+def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Return the wait before the next attempt after ``attempts`` failures (exponential, capped)."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))

@@ -1,0 +1,130 @@
+"""The analysis plugin interface and the result model every analysis returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from inference.volume import Volume
+
+#: A coded concept as plain data: (code value, coding scheme designator, code meaning).
+Code = tuple[str, str, str]
+
+
+class InputError(ValueError):
+    """The input cannot be analysed (wrong modality, odd geometry, too few slices, ...).
+
+    The message is shown to users as the reason a job failed, so it must say what was
+    wrong with the input in plain words.
+    """
+
+
+@dataclass(frozen=True)
+class SeriesRule:
+    """Which series an analysis can use, as rules over DICOM attributes.
+
+    Parameters
+    ----------
+    modalities
+        Accepted values of Modality, e.g. ``("MR",)``.
+    description_pattern
+        A regular expression searched (case-insensitively) in SeriesDescription; ``None``
+        accepts any description.
+    min_slices, max_slices
+        Bounds on the number of images in the series; ``min_slices=None`` means the node's
+        configured default minimum.
+    orientation
+        ``"axial"``, ``"sagittal"``, ``"coronal"`` or ``"any"``; judged from
+        ImageOrientationPatient.
+    max_spacing_mm
+        Largest acceptable pixel spacing or slice spacing in millimetres, or ``None``.
+    max_matrix
+        Largest acceptable Rows and Columns, or ``None``.
+    """
+
+    modalities: tuple[str, ...]
+    description_pattern: str | None = None
+    min_slices: int | None = None
+    max_slices: int | None = None
+    orientation: str = "any"
+    max_spacing_mm: float | None = None
+    max_matrix: int | None = None
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One segmented structure: its value in the label map and how it is coded."""
+
+    label: int
+    name: str
+    category: Code
+    property_type: Code
+    colour_rgb: tuple[int, int, int]
+    laterality: Code | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured value, with its unit as a UCUM code.
+
+    ``structure_label`` names the :class:`Structure` it was measured on, or ``None`` for
+    a measurement of the whole image (for example a total over several structures).
+    """
+
+    name: str
+    concept: Code
+    value: float
+    unit: Code
+    structure_label: int | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A classification output: a coded finding with a probability per class."""
+
+    name: str
+    concept: Code
+    predicted_class: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What an analysis returns for one series.
+
+    ``label_map`` (uint8) is in the source series' array order, shape
+    ``(n_slices, rows, columns)``, slices in the order of :attr:`Volume.sop_instance_uids`,
+    so that frame ``k`` of a segmentation refers to source image ``k``.
+    """
+
+    analysis: str
+    model_name: str
+    model_version: str
+    method: str
+    structures: tuple[Structure, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    label_map: np.ndarray | None = None
+    key_slices: tuple[int, ...] = ()
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Analysis(Protocol):
+    """An analysis plugin. The node knows nothing model-specific beyond this interface.
+
+    ``load`` is called once per worker process with an explicit device (``"cpu"`` or
+    ``"cuda:N"``); ``run`` is then called once per selected series.
+    """
+
+    name: str
+    model_name: str
+    model_version: str
+    rule: SeriesRule
+
+    def load(self, device: str) -> None: ...
+
+    def run(self, volume: Volume) -> AnalysisResult: ...

@@ -1,0 +1,135 @@
+"""The hippocampus volumetry analysis plugin: MR crop in, anterior/posterior label map and volumes in mm³ out."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference.base import AnalysisResult, Code, InputError, Measurement, SeriesRule, Structure
+from inference.volume import Volume, to_model_space
+
+if TYPE_CHECKING:
+    from inference.hippocampus.predict import HippocampusSegmenter
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "hippocampus_unet3d.pt"
+
+#: The model was trained on MSD crops: RAS array axes at 1 mm (see MODEL_CARD.md).
+TRAINING_AXCODES = ("R", "A", "S")
+TRAINING_SPACING_MM = (1.0, 1.0, 1.0)
+
+ANATOMICAL_STRUCTURE: Code = ("91723000", "SCT", "Anatomical Structure")
+HIPPOCAMPUS: Code = ("5366008", "SCT", "Hippocampus")
+VOLUME: Code = ("118565006", "SCT", "Volume")
+CUBIC_MILLIMETER: Code = ("mm3", "UCUM", "cubic millimeter")
+
+STRUCTURES = (
+    Structure(1, "Hippocampus anterior", ANATOMICAL_STRUCTURE, HIPPOCAMPUS, (230, 159, 0)),
+    Structure(2, "Hippocampus posterior", ANATOMICAL_STRUCTURE, HIPPOCAMPUS, (86, 180, 233)),
+)
+
+
+class HippocampusAnalysis:
+    """Hippocampal volumetry on a cropped T1 MR series (anterior and posterior parts).
+
+    Parameters
+    ----------
+    weights
+        Path of the trained weights; the shipped model when omitted.
+    description_pattern
+        Regular expression a series description must match to be analysed.
+    min_slices
+        Minimum number of slices; the node's default when ``None``.
+    max_matrix
+        Largest Rows/Columns accepted: the model expects a hippocampus crop, not a whole head.
+    """
+
+    name = "hippocampus"
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        description_pattern: str = r"hippo|hcrop",
+        min_slices: int | None = None,
+        max_matrix: int = 160,
+    ) -> None:
+        self.weights = Path(weights) if weights else DEFAULT_WEIGHTS
+        if not self.weights.is_file():
+            raise ValueError(f"hippocampus weights not found: {self.weights}")
+        self.rule = SeriesRule(
+            modalities=("MR",),
+            description_pattern=description_pattern,
+            min_slices=min_slices,
+            max_slices=512,
+            max_matrix=max_matrix,
+            max_spacing_mm=3.0,
+        )
+        self._segmenter: HippocampusSegmenter | None = None
+
+    @cached_property
+    def _meta(self) -> dict[str, Any]:
+        import torch
+
+        checkpoint = torch.load(self.weights, map_location="cpu", weights_only=True)
+        meta: dict[str, Any] = checkpoint["meta"]
+        return meta
+
+    @property
+    def model_name(self) -> str:
+        return str(self._meta.get("model_name", "hippocampus-unet3d"))
+
+    @property
+    def model_version(self) -> str:
+        return str(self._meta.get("version", "unknown"))
+
+    def load(self, device: str) -> None:
+        """Load the network once on ``device``."""
+        from inference.hippocampus.predict import HippocampusSegmenter
+
+        self._segmenter = HippocampusSegmenter(self.weights, device)
+
+    def run(self, volume: Volume) -> AnalysisResult:
+        """Segment the hippocampus and measure the volume of each part.
+
+        The series is brought into the training orientation (RAS) and spacing (1 mm) from
+        its DICOM geometry, and the label map is mapped back to the source slices, so
+        volumes are counted on the true source voxel spacing.
+
+        Raises
+        ------
+        InputError
+            If the series is not MR.
+        """
+        if self._segmenter is None:
+            raise RuntimeError("load() must be called before run()")
+        if volume.modality != "MR":
+            raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not MR")
+        image, space = to_model_space(volume, TRAINING_AXCODES, TRAINING_SPACING_MM)
+        labels = space.to_source(self._segmenter.segment(image))
+        voxel_mm3 = float(np.prod(volume.spacing_mm))
+        volumes = {s.label: float(np.count_nonzero(labels == s.label)) * voxel_mm3 for s in STRUCTURES}
+        measurements = tuple(
+            Measurement("Volume", VOLUME, volumes[s.label], CUBIC_MILLIMETER, s.label) for s in STRUCTURES
+        ) + (Measurement("Total hippocampus volume", VOLUME, sum(volumes.values()), CUBIC_MILLIMETER),)
+        area = np.count_nonzero(labels, axis=(1, 2))
+        key = tuple(int(k) for k in sorted(np.argsort(area)[::-1][:3]) if area[k] > 0)
+        return AnalysisResult(
+            analysis=self.name,
+            model_name=self.model_name,
+            model_version=self.model_version,
+            method="deep learning: 3D U-Net trained on MSD Task04 hippocampus",
+            structures=STRUCTURES,
+            measurements=measurements,
+            label_map=labels.astype(np.uint8),
+            key_slices=key,
+            summary={
+                "volumes_mm3": {
+                    "anterior": round(volumes[1], 1),
+                    "posterior": round(volumes[2], 1),
+                    "total": round(volumes[1] + volumes[2], 1),
+                },
+                "voxel_spacing_mm": [round(float(s), 4) for s in volume.spacing_mm],
+            },
+        )
