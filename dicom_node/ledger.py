@@ -148,8 +148,8 @@ class Ledger:
         self._synchronous = synchronous
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection().executescript(_SCHEMA)
         with self.transaction() as db:
-            db.executescript(_SCHEMA)
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),

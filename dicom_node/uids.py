@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import uuid
+
+#: Namespace of every UID the node derives (a fixed, random UUID).
+_NAMESPACE = uuid.UUID("6c0f4a5e-8a53-4f44-9d35-0b7c7a3e9c21")
 
 
 def result_uid(*parts: str) -> str:
@@ -16,7 +19,8 @@ def result_uid(*parts: str) -> str:
     """
     if not parts or any(not isinstance(p, str) or not p for p in parts):
         raise ValueError("result_uid needs non-empty string parts")
-    return str(generate_uid(prefix=None, entropy_srcs=["dicom-node", *parts]))
+    # A name-based (version 5) UUID of the parts, written as a 2.25 UID (PS3.5 B.2).
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(0x1F).join(parts)).int}"
 
 
 def result_uids(

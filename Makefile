@@ -1,0 +1,20 @@
+# dicom-node: `make demo` runs the node end to end, `make test` runs the whole test suite.
+.PHONY: setup setup-test demo test bench lint
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+demo: setup
+	.venv/bin/python deploy/local/demo.py
+
+test: setup-test
+	.venv/bin/python -m pytest
+
+lint: setup-test
+	.venv/bin/python -m mypy
+
+bench: setup-test
+	.venv/bin/python benchmarks/run_all.py

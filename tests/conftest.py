@@ -1,0 +1,37 @@
+"""Shared fixtures: where the real data lives, and a clock tests can move."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HIPPO_DICOM = SHARED_DATA / "hippocampus-dicom"
+HIPPO_CROP_STUDY1 = HIPPO_DICOM / "Study1" / "13_HCropVolume"
+
+
+class FakeClock:
+    """A clock tests advance by hand, so grouping and retry tests never sleep."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real data not found at {SHARED_DATA} (../shared beside the repository)")
+    return SHARED_DATA
