@@ -33,6 +33,26 @@ _NO_REASON_GIVEN = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
 
 
+#: Uncompressed transfer syntaxes, accepted last (see :func:`transfer_syntax_preference`).
+_UNCOMPRESSED = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+)
+
+
+def transfer_syntax_preference() -> list[str]:
+    """Return every transfer syntax we accept, compressed ones first.
+
+    pynetdicom accepts, per presentation context, the first syntax of *our* list that the
+    peer proposed. A peer that proposes a JPEG 2000 file's own syntax next to Explicit VR
+    Little Endian must get its own syntax accepted, so the instance is stored exactly as
+    sent and the peer never has to decompress (DCMTK, for one, cannot decode JPEG 2000).
+    """
+    ordered = [uid for uid in ALL_TRANSFER_SYNTAXES if uid not in _UNCOMPRESSED]
+    return ordered + [uid for uid in _UNCOMPRESSED if uid in ALL_TRANSFER_SYNTAXES]
+
+
 class ReceiveCounters:
     """Thread-safe counts of instances stored and rejected, by reason."""
 
@@ -134,8 +154,9 @@ class StorageSCP:
         ae.require_called_aet = self.settings.require_called_ae_title
         if self.settings.allowed_calling_ae_titles:
             ae.require_calling_aet = list(self.settings.allowed_calling_ae_titles)
+        syntaxes = transfer_syntax_preference()
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         return ae
 
