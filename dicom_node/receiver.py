@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
@@ -144,6 +145,10 @@ class StorageSCP:
         self.counters = ReceiveCounters()
         self._server: ThreadedAssociationServer | None = None
         self._allowed_addresses = frozenset(settings.allowed_addresses)
+        # Values are checked here, each with its own status and reason (an invalid UID is
+        # "invalid identifiers", not "cannot decode"); pydicom's own warnings on read would
+        # only duplicate that, once per element and thread.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
     def build_ae(self) -> AE:
         """Return the application entity with every storage SOP class and transfer syntax."""
