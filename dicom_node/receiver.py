@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
@@ -71,6 +70,21 @@ class ReceiveCounters:
     def add_rejected(self, reason: str) -> None:
         with self._lock:
             self.rejected[reason] += 1
+
+
+def raw_uid(ds: Dataset, keyword: str) -> str:
+    """Return a UID element's text as sent, without pydicom's value conversion.
+
+    The node checks UIDs itself (:func:`dicom_node.spool.is_valid_uid`), with its own status
+    and reason; converting first would only warn about the same problem.
+    """
+    element = ds.get_item(keyword)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").rstrip("\x00 ")
+    return str(value or "")
 
 
 def _failure(code: int, comment: str) -> Dataset:
@@ -145,10 +159,6 @@ class StorageSCP:
         self.counters = ReceiveCounters()
         self._server: ThreadedAssociationServer | None = None
         self._allowed_addresses = frozenset(settings.allowed_addresses)
-        # Values are checked here, each with its own status and reason (an invalid UID is
-        # "invalid identifiers", not "cannot decode"); pydicom's own warnings on read would
-        # only duplicate that, once per element and thread.
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
     def build_ae(self) -> AE:
         """Return the application entity with every storage SOP class and transfer syntax."""
@@ -233,10 +243,10 @@ class StorageSCP:
     def _store(self, event: Event, calling: str) -> tuple[InstanceRecord, dict[str, Any]]:
         try:
             ds = event.dataset
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            sop_class = str(ds.get("SOPClassUID", ""))
+            study_uid = raw_uid(ds, "StudyInstanceUID")
+            series_uid = raw_uid(ds, "SeriesInstanceUID")
+            sop_uid = raw_uid(ds, "SOPInstanceUID")
+            sop_class = raw_uid(ds, "SOPClassUID")
             series = series_attributes(ds)
         except Exception as exc:  # pydicom raises many types for corrupt data
             raise RejectedInstance(

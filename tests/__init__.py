@@ -1,0 +1,1 @@
+"""Test suite of dicom-node; a package so that helpers import as ``tests.<...>``."""
