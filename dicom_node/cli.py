@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import NodeConfig, build_config, load_config, merge, parse_destination
+from dicom_node.config import (
+    NodeConfig,
+    build_config,
+    dump_toml,
+    load_config,
+    merge,
+    parse_destination,
+)
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
@@ -81,7 +88,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     create_analyses(config.analyses)
-    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    print(dump_toml(config.model_dump(mode="json")), end="")
     return 0
 
 

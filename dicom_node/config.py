@@ -237,3 +237,37 @@ def parse_destination(text: str) -> tuple[str, dict[str, Any]]:
 
 
 ResultKind = Literal["seg", "sc", "sr"]
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Return ``data`` (a configuration mapping of tables, scalars and lists) as TOML text."""
+    lines: list[str] = []
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, (int, float)):
+            return repr(item)
+        if isinstance(item, (list, tuple)):
+            return "[" + ", ".join(value(v) for v in item) + "]"
+        if isinstance(item, dict):
+            return "{ " + ", ".join(f"{_key(k)} = {value(v)}" for k, v in item.items()) + " }"
+        return '"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def table(prefix: str, mapping: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in mapping.items() if not isinstance(v, dict) or not v}
+        tables = {k: v for k, v in mapping.items() if isinstance(v, dict) and v}
+        if prefix and (scalars or not tables):
+            lines.append(f"\n[{prefix}]")
+        for key, item in scalars.items():
+            if item is not None:
+                lines.append(f"{_key(key)} = {value(item)}")
+        for key, item in tables.items():
+            table(f"{prefix}.{_key(key)}" if prefix else _key(key), item)
+
+    table("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else '"' + key.replace('"', '\\"') + '"'

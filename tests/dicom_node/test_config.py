@@ -84,3 +84,12 @@ def test_example_config_in_deploy_is_valid() -> None:
     config = load_config(REPO / "deploy" / "node.toml")
     assert config.destinations
     assert config.destinations_for("hippocampus")
+
+
+def test_effective_config_round_trips_through_toml(tmp_path: Path) -> None:
+    from dicom_node.config import dump_toml
+
+    config = load_config(REPO / "deploy" / "node.toml")
+    path = tmp_path / "effective.toml"
+    path.write_text(dump_toml(config.model_dump(mode="json")))
+    assert load_config(path) == config

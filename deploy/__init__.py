@@ -1,0 +1,1 @@
+"""Deployment of dicom-node: compose stack, images, example configuration and the local process stack."""

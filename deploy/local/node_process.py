@@ -1,0 +1,137 @@
+"""A dicom-node ``serve`` process configured in a work directory, started and stopped like a service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import dump_toml, merge
+from dicom_node.ledger import Ledger
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class NodeProcess:
+    """``dicom-node serve`` in its own process, with a configuration written to ``work_dir``.
+
+    Parameters
+    ----------
+    work_dir
+        Holds ``node.toml``, ``node.log`` and the data directory ``data/``.
+    port
+        DICOM port of the node.
+    destinations
+        ``{name: (ae_title, host, port)}`` where results go.
+    config
+        Further configuration merged over the defaults written here.
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        port: int,
+        destinations: dict[str, tuple[str, str, int]],
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.data_dir = self.work_dir / "data"
+        self.config_file = self.work_dir / "node.toml"
+        self.log_file = self.work_dir / "node.log"
+        base: dict[str, Any] = {
+            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
+                     "data_dir": str(self.data_dir), "min_free_disk_bytes": 0},
+            "grouping": {"quiet_period_s": 1.0, "max_wait_s": 120.0},
+            "workers": {"device": "cpu", "cpu_workers": 1, "job_timeout_s": 120.0},
+            "delivery": {"retry_initial_s": 1.0, "retry_max_s": 5.0, "max_attempts": 20,
+                         "timeout_s": 20.0},
+            "destinations": {
+                name: {"ae_title": aet, "host": host, "port": dport}
+                for name, (aet, host, dport) in destinations.items()
+            },
+        }
+        self.config = merge(base, config or {})
+        self.config_file.write_text(dump_toml(self.config), encoding="utf-8")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ae_title(self) -> str:
+        return str(self.config["node"]["ae_title"])
+
+    def start(self, deadline_s: float = 120.0) -> None:
+        """Start the node and wait until it accepts associations (its models are loaded)."""
+        log = open(self.log_file, "ab")  # noqa: SIM115 - the child process owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + deadline_s
+        marker = "serving on"
+        while marker not in self.log_text():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dicom-node exited with {self.process.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dicom-node did not start within {deadline_s} s:\n{self.log_text()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """Stop gracefully (SIGTERM), kill after ``timeout_s``; return the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=10)
+
+    def kill(self) -> None:
+        """``kill -9`` the node and its workers, as a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            children = _children(self.process.pid)
+            self.process.kill()
+            self.process.wait(timeout=10)
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""
+
+    def ledger(self) -> Ledger:
+        """Open the node's ledger (read it while the node runs: SQLite WAL allows that)."""
+        return Ledger(self.data_dir / "ledger.sqlite3")
+
+    def __enter__(self) -> NodeProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """Return the pids of a process' children (its workers), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid:
+            found.append(int(entry.name))
+    return found
