@@ -163,6 +163,7 @@ class Node:
             paths=tuple(str(p) for p in paths),
             result_dir=str(result_dir),
             series_numbers=self.config.analyses[job["analysis"]].series_numbers,
+            node_name=self.config.node.ae_title,
         )
 
     def _record_failure(self, job: dict[str, Any], reason: str) -> None:

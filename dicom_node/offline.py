@@ -100,6 +100,7 @@ def analyze_study(
                 paths=tuple(str(p) for p in series[info.series_uid][1]),
                 result_dir=str(result_dir),
                 series_numbers=config.analyses[name].series_numbers,
+                node_name=config.node.ae_title,
             )
             try:
                 outcome = run_job(spec, analysis)

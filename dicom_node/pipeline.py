@@ -42,6 +42,7 @@ class JobSpec:
     paths: tuple[str, ...]
     result_dir: str
     series_numbers: SeriesNumbers
+    node_name: str = "DICOMNODE"
 
 
 @dataclass
@@ -62,13 +63,22 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = round(time.perf_counter() - start, 4)
 
 
-def identity_for(analysis: Analysis) -> Identity:
-    """Return the equipment and algorithm identification of one analysis' results."""
+#: The procedure an analysis report describes (TID 1500 "Procedure reported"): imaging.
+IMAGING_PROCEDURE = ("363679005", "SCT", "Imaging")
+
+
+def identity_for(result: AnalysisResult, node_name: str) -> Identity:
+    """Return the equipment and algorithm identification of one result.
+
+    ``node_name`` (the node's AE title) is the Device Serial Number, so results say which
+    installation made them.
+    """
     return Identity(
-        manufacturer_model_name=f"dicom-node {analysis.name}",
-        software_versions=f"dicom-node {__version__}; {analysis.model_name} {analysis.model_version}",
-        algorithm_name=analysis.model_name,
-        algorithm_version=analysis.model_version,
+        manufacturer_model_name="dicom-node",
+        software_versions=f"dicom-node {__version__}",
+        device_serial_number=node_name,
+        algorithm_name=result.model_name,
+        algorithm_version=result.model_version,
     )
 
 
@@ -155,7 +165,7 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
             raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
     with _timed(outcome.timings, "report"):
         uids = result_uids(spec.study_uid, spec.series_uid, spec.analysis, result.model_version)
-        objects = build_results(result, sources, spec, uids, identity_for(analysis))
+        objects = build_results(result, sources, spec, uids, identity_for(result, spec.node_name))
         out = Path(spec.result_dir)
         for name, ds in objects.items():
             path = out / f"{name}.dcm"
@@ -186,7 +196,7 @@ def build_results(
             series_instance_uid=uids["seg_series"],
             sop_instance_uid=uids["seg_instance"],
             series_number=numbers.seg,
-            series_description=f"{result.model_name} segmentation",
+            series_description=f"{result.title} segmentation",
             identity=identity,
         )
         objects["seg"] = seg
@@ -195,26 +205,30 @@ def build_results(
         label_map,
         result.structures,
         result.measurements,
-        findings=result.findings,
+        result.findings,
         key_slices=result.key_slices or None,
-        title=f"{spec.analysis} report",
+        title=result.title,
+        model_name=result.model_name,
+        model_version=result.model_version,
         method=result.method,
         identity=identity,
         series_instance_uid=uids["sc_series"],
         sop_instance_uid=uids["sc_instance"],
         series_number=numbers.sc,
+        series_description=f"{result.title} report",
     )
     objects["sr"] = build_measurement_report(
         sources,
         result.structures,
         result.measurements,
-        findings=result.findings,
+        result.findings,
         segmentation=seg,
+        procedure_reported=IMAGING_PROCEDURE,
+        tracking_seed=uids["tracking"],
         identity=identity,
         series_instance_uid=uids["sr_series"],
         sop_instance_uid=uids["sr_instance"],
         series_number=numbers.sr,
-        tracking_uid=uids["tracking"],
-        method=result.method,
+        series_description=f"{result.title} measurements",
     )
     return objects

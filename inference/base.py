@@ -95,12 +95,15 @@ class Finding:
 class AnalysisResult:
     """What an analysis returns for one series.
 
+    ``title`` names the analysis for people ("Hippocampus volumetry"); it heads the report
+    and the result series' descriptions. ``method`` says which path produced the result.
     ``label_map`` (uint8) is in the source series' array order, shape
     ``(n_slices, rows, columns)``, slices in the order of :attr:`Volume.sop_instance_uids`,
     so that frame ``k`` of a segmentation refers to source image ``k``.
     """
 
     analysis: str
+    title: str
     model_name: str
     model_version: str
     method: str

@@ -117,6 +117,7 @@ class HippocampusAnalysis:
         key = tuple(int(k) for k in sorted(np.argsort(area)[::-1][:3]) if area[k] > 0)
         return AnalysisResult(
             analysis=self.name,
+            title="Hippocampus volumetry",
             model_name=self.model_name,
             model_version=self.model_version,
             method="deep learning: 3D U-Net trained on MSD Task04 hippocampus",

@@ -1,0 +1,1 @@
+"""Result objects (SEG, SC, SR) built with highdicom from the analysed source series."""

@@ -1,0 +1,66 @@
+"""The shape of analysis results that reports read, as structural protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+#: A coded concept as plain data: (code value, coding scheme designator, code meaning).
+Code = tuple[str, str, str]
+
+
+class StructureLike(Protocol):
+    """One segmented structure: its value in the label map and how it is coded."""
+
+    @property
+    def label(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def category(self) -> Code: ...
+
+    @property
+    def property_type(self) -> Code: ...
+
+    @property
+    def colour_rgb(self) -> tuple[int, int, int]: ...
+
+    @property
+    def laterality(self) -> Code | None: ...
+
+
+class MeasurementLike(Protocol):
+    """One measured value with a UCUM unit, on a structure (by label) or the whole image."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def concept(self) -> Code: ...
+
+    @property
+    def value(self) -> float: ...
+
+    @property
+    def unit(self) -> Code: ...
+
+    @property
+    def structure_label(self) -> int | None: ...
+
+
+class FindingLike(Protocol):
+    """A classification output: a coded finding with a probability per class."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def concept(self) -> Code: ...
+
+    @property
+    def predicted_class(self) -> str: ...
+
+    @property
+    def probabilities(self) -> Mapping[str, float]: ...

@@ -1,0 +1,375 @@
+"""Build a TID 1500 measurement report (Comprehensive 3D SR) of structures and findings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from reports.identity import (
+    Identity,
+    build_sr_algorithm_identification,
+    coded,
+    copy_study_attributes,
+    derive_uid,
+    source_headers,
+)
+from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
+
+logger = logging.getLogger(__name__)
+
+#: Private coding scheme for classification labels, which analyses give as plain
+#: strings (PS3.16 8.2: private designators start with "99").
+LABEL_SCHEME = "99DCMNODE"
+
+#: UCUM "no units", the unit of a probability between 0 and 1.
+NO_UNITS: Code = ("1", "UCUM", "no units")
+
+_ANATOMICAL_STRUCTURE = "91723000"
+
+
+def derive_tracking_uid(seed: str, *parts: str) -> str:
+    """Derive a tracking UID that is the same whenever the seed and parts are.
+
+    Parameters
+    ----------
+    seed
+        A string identifying the result, for example study UID, analysis and model
+        version, so that a re-run tracks the same things with the same UIDs.
+    *parts
+        What is tracked within the result.
+
+    Returns
+    -------
+    str
+        A UID under the 2.25 root (PS3.5 B.2).
+    """
+    return derive_uid("tracking", seed, *parts)
+
+
+def _label_code(text: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=text, scheme_designator=LABEL_SCHEME, meaning=text[:64])
+
+
+def _probability_code(class_name: str) -> hd.sr.CodedConcept:
+    meaning = f"Probability of {class_name}"
+    return hd.sr.CodedConcept(
+        value=f"P({class_name})", scheme_designator=LABEL_SCHEME, meaning=meaning[:64]
+    )
+
+
+def _measurement(measurement: MeasurementLike) -> hd.sr.Measurement:
+    # The algorithm is identified once per group, which applies to its measurements.
+    return hd.sr.Measurement(
+        name=coded(measurement.concept),
+        value=float(measurement.value),
+        unit=coded(measurement.unit),
+    )
+
+
+def _check_segmentation(segmentation: Dataset, structures: Sequence[StructureLike]) -> None:
+    segments = segmentation.get("SegmentSequence", [])
+    labels = [str(item.SegmentLabel) for item in segments]
+    names = [structure.name for structure in structures]
+    if labels != names:
+        raise ValueError(
+            f"segmentation {segmentation.SOPInstanceUID} has segments {labels}, "
+            f"expected one per structure in order: {names}"
+        )
+
+
+def build_structure_groups(
+    source_images: Sequence[Dataset],
+    structures: Sequence[StructureLike],
+    measurements: Sequence[MeasurementLike],
+    segmentation: Dataset,
+    *,
+    tracking_seed: str,
+    identity: Identity,
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """Build one volumetric ROI group (TID 1411) per structure, referencing its segment.
+
+    Parameters
+    ----------
+    source_images
+        The source series the segmentation was made on.
+    structures
+        The structures; ``structures[i]`` is segment ``i + 1`` of `segmentation`.
+    measurements
+        Measurements; those whose ``structure_label`` is a structure's label go into
+        that structure's group, others are ignored.
+    segmentation
+        The segmentation the groups refer to.
+    tracking_seed
+        Seed of the deterministic tracking UIDs.
+    identity
+        Algorithm identification.
+
+    Returns
+    -------
+    list[highdicom.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]
+        One group per structure, in structure order.
+    """
+    source_series = hd.sr.SourceSeriesForSegmentation(
+        referenced_series_instance_uid=str(source_images[0].SeriesInstanceUID)
+    )
+    groups = []
+    for number, structure in enumerate(structures, start=1):
+        finding_sites = None
+        if structure.laterality is not None and structure.category[0] == _ANATOMICAL_STRUCTURE:
+            finding_sites = [
+                hd.sr.FindingSite(
+                    anatomic_location=coded(structure.property_type),
+                    laterality=coded(structure.laterality),
+                )
+            ]
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_tracking_uid(tracking_seed, "structure", str(structure.label)),
+                identifier=structure.name,
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(segmentation.SOPClassUID),
+                sop_instance_uid=str(segmentation.SOPInstanceUID),
+                segment_number=number,
+                source_series=source_series,
+            ),
+            finding_type=coded(structure.property_type),
+            finding_category=coded(structure.category),
+            finding_sites=finding_sites,
+            algorithm_id=build_sr_algorithm_identification(identity),
+            measurements=[
+                _measurement(m)
+                for m in measurements
+                if m.structure_label == structure.label
+            ],
+        )
+        groups.append(group)
+    return groups
+
+
+def build_finding_group(
+    finding: FindingLike,
+    source_images: Sequence[Dataset],
+    *,
+    tracking_seed: str,
+    identity: Identity,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Build a measurement group (TID 1501) for one classification finding.
+
+    The predicted class is a qualitative evaluation of the finding's concept; each
+    class probability is a measurement in UCUM "no units". Class names, given as plain
+    strings, are coded in the private scheme :data:`LABEL_SCHEME`.
+
+    Parameters
+    ----------
+    finding
+        The classification output.
+    source_images
+        The classified images, referenced by the group.
+    tracking_seed
+        Seed of the deterministic tracking UID.
+    identity
+        Algorithm identification.
+
+    Returns
+    -------
+    highdicom.sr.MeasurementsAndQualitativeEvaluations
+        The group.
+    """
+    algorithm = build_sr_algorithm_identification(identity)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_tracking_uid(tracking_seed, "finding", finding.name),
+            identifier=finding.name,
+        ),
+        finding_type=coded(finding.concept),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=coded(finding.concept), value=_label_code(finding.predicted_class)
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(
+                name=_probability_code(class_name),
+                value=float(probability),
+                unit=coded(NO_UNITS),
+            )
+            for class_name, probability in finding.probabilities.items()
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(image)
+            for image in source_images
+        ],
+    )
+
+
+def build_measurement_report(
+    source_images: Sequence[Dataset],
+    structures: Sequence[StructureLike],
+    measurements: Sequence[MeasurementLike],
+    findings: Sequence[FindingLike] = (),
+    *,
+    segmentation: Dataset | None,
+    procedure_reported: Code,
+    tracking_seed: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int = 1,
+    series_description: str,
+    identity: Identity,
+) -> Dataset:
+    """Build an Imaging Measurement Report (TID 1500) as a Comprehensive 3D SR.
+
+    Each structure gets a volumetric ROI group referring to its segment in
+    `segmentation` (segment ``i + 1`` for ``structures[i]``, as
+    :func:`reports.seg.build_segmentation` numbers them) with its measurements;
+    measurements without a structure go into one image-level group; each finding
+    gets its own group. The report is complete but preliminary and unverified: a
+    physician has not reviewed it.
+
+    Parameters
+    ----------
+    source_images
+        The analysed source series.
+    structures
+        The segmented structures, in segment order.
+    measurements
+        The measurements; ``structure_label`` selects the structure or ``None``.
+    findings
+        Classification findings.
+    segmentation
+        The segmentation of `structures`, or ``None`` when there are no structures.
+    procedure_reported
+        Code of the imaging procedure reported on (CID 100), e.g. an MR brain exam.
+    tracking_seed
+        Seed of the deterministic tracking UIDs, e.g. study UID, analysis and model
+        version joined: a re-run then reports the same tracked entities.
+    series_instance_uid, sop_instance_uid
+        UIDs of the new series and instance.
+    series_number, instance_number
+        Series Number and Instance Number of the new instance.
+    series_description
+        Series Description of the new series.
+    identity
+        Equipment and algorithm identification.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The report (a :class:`highdicom.sr.Comprehensive3DSR`).
+
+    Raises
+    ------
+    ValueError
+        If there is nothing to report, structures are given without a matching
+        segmentation, or a measurement names a label that no structure has.
+    """
+    if len(source_images) == 0:
+        raise ValueError("no source images given")
+    if not structures and not measurements and not findings:
+        raise ValueError("nothing to report: no structures, measurements or findings")
+    labels = {structure.label for structure in structures}
+    stray = sorted(
+        {m.structure_label for m in measurements if m.structure_label is not None} - labels
+    )
+    if stray:
+        raise ValueError(f"measurements refer to labels {stray} that no structure has")
+    headers = source_headers(source_images)
+    evidence: list[Dataset] = list(headers)
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    if structures:
+        if segmentation is None:
+            raise ValueError("structures given without the segmentation they refer to")
+        _check_segmentation(segmentation, structures)
+        evidence.append(segmentation)
+        groups.extend(
+            build_structure_groups(
+                headers,
+                structures,
+                measurements,
+                segmentation,
+                tracking_seed=tracking_seed,
+                identity=identity,
+            )
+        )
+    image_measurements = [m for m in measurements if m.structure_label is None]
+    if image_measurements:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derive_tracking_uid(tracking_seed, "image"),
+                    identifier="whole series",
+                ),
+                algorithm_id=build_sr_algorithm_identification(identity),
+                measurements=[_measurement(m) for m in image_measurements],
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup.from_source_image(image)
+                    for image in headers
+                ],
+            )
+        )
+    for finding in findings:
+        groups.append(
+            build_finding_group(finding, headers, tracking_seed=tracking_seed, identity=identity)
+        )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=identity.device_uid,
+            name=identity.algorithm_name,
+            manufacturer_name=identity.manufacturer,
+            model_name=identity.manufacturer_model_name,
+            serial_number=identity.device_serial_number,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=coded(procedure_reported),
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    coding_schemes = []
+    if findings:
+        coding_schemes.append(
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=LABEL_SCHEME,
+                name="dicom-node classification labels",
+                responsible_organization=identity.manufacturer,
+            )
+        )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=identity.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=identity.institution_name,
+        series_description=series_description,
+        manufacturer_model_name=identity.manufacturer_model_name,
+        software_versions=identity.software_versions,
+        device_serial_number=identity.device_serial_number,
+        coding_schemes=coding_schemes or None,
+    )
+    copy_study_attributes(source_images[0], sr)
+    logger.info(
+        "built measurement report %s: %d groups, %d measurements, %d findings",
+        sop_instance_uid,
+        len(groups),
+        len(measurements),
+        len(findings),
+    )
+    return sr
