@@ -8,7 +8,7 @@ setup-test:
 	scripts/setup.sh --test
 
 demo: setup
-	.venv/bin/python deploy/local/demo.py
+	.venv/bin/python -m deploy.local.demo
 
 test: setup-test
 	.venv/bin/python -m pytest

@@ -75,7 +75,7 @@ def identity_for(result: AnalysisResult, node_name: str) -> Identity:
     """
     return Identity(
         manufacturer_model_name="dicom-node",
-        software_versions=f"dicom-node {__version__}",
+        software_versions=__version__,
         device_serial_number=node_name,
         algorithm_name=result.model_name,
         algorithm_version=result.model_version,

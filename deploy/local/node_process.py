@@ -67,6 +67,7 @@ class NodeProcess:
 
     def start(self, deadline_s: float = 120.0) -> None:
         """Start the node and wait until it accepts associations (its models are loaded)."""
+        offset = len(self.log_text())  # a restart appends to the same log
         log = open(self.log_file, "ab")  # noqa: SIM115 - the child process owns it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_file)],
@@ -76,7 +77,7 @@ class NodeProcess:
         log.close()
         deadline = time.monotonic() + deadline_s
         marker = "serving on"
-        while marker not in self.log_text():
+        while marker not in self.log_text()[offset:]:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dicom-node exited with {self.process.returncode}:\n{self.log_text()}")
             if time.monotonic() > deadline:

@@ -111,7 +111,8 @@ class HippocampusAnalysis:
         voxel_mm3 = float(np.prod(volume.spacing_mm))
         volumes = {s.label: float(np.count_nonzero(labels == s.label)) * voxel_mm3 for s in STRUCTURES}
         measurements = tuple(
-            Measurement("Volume", VOLUME, volumes[s.label], CUBIC_MILLIMETER, s.label) for s in STRUCTURES
+            Measurement(f"{s.name} volume", VOLUME, volumes[s.label], CUBIC_MILLIMETER, s.label)
+            for s in STRUCTURES
         ) + (Measurement("Total hippocampus volume", VOLUME, sum(volumes.values()), CUBIC_MILLIMETER),)
         area = np.count_nonzero(labels, axis=(1, 2))
         key = tuple(int(k) for k in sorted(np.argsort(area)[::-1][:3]) if area[k] > 0)

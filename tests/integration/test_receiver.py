@@ -18,7 +18,7 @@ from dicom_node.ledger import Ledger
 from dicom_node.receiver import StorageSCP
 from dicom_node.spool import Spool
 from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA
-from tests.integration.orthanc_process import DCMTK_ENV, free_port
+from deploy.local.orthanc_process import DCMTK_ENV, free_port
 
 pytestmark = pytest.mark.integration
 

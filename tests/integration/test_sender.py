@@ -13,7 +13,7 @@ from dicom_node.config import Destination
 from dicom_node.errors import DeliveryFailed
 from dicom_node.sender import backoff_s, echo, send_files
 from tests.conftest import HIPPO_CROP_STUDY1
-from tests.integration.orthanc_process import StoreScpProcess, free_port
+from deploy.local.orthanc_process import StoreScpProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,185 @@
+"""Receive throughput of the node's Storage SCP against DCMTK storescp and Orthanc, same files, same sender.
+
+Prints MB/s per receiver and the node's ratios against the references measured in the same run.
+Not part of the test suite. Run from the repository root:
+
+    .venv/bin/python -m benchmarks.receive_throughput [--repeats 3] [--ct-slices 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from deploy.local.node_process import NodeProcess  # noqa: E402
+from deploy.local.orthanc_process import DCMTK_ENV, OrthancProcess, free_port, wait_for_port  # noqa: E402
+from tests.factories import series_from_ras_volume, write_datasets  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def make_ct(folder: Path, slices: int) -> list[Path]:
+    """A real abdominal CT resampled to ``slices`` x 512 x 512 (about 0.5 MB per file)."""
+    image = nib.load(SHARED / "ct-abdomen" / "example_ct.nii.gz")
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    zoom = (512 / data.shape[0], 512 / data.shape[1], slices / data.shape[2])
+    volume = ndimage.zoom(data, zoom, order=1)
+    spacing = tuple(float(s) / z for s, z in zip(image.header.get_zooms()[:3], zoom, strict=True))
+    datasets = series_from_ras_volume(volume, spacing, modality="CT", shuffle=False,
+                                      series_description="benchmark CT")
+    return write_datasets(datasets, folder)
+
+
+def make_mr_studies(folder: Path, copies: int) -> list[Path]:
+    """``copies`` of the real MR studies (every series), each with new UIDs."""
+    sources = sorted(p for p in (SHARED / "hippocampus-dicom").rglob("*.dcm"))
+    paths = []
+    for copy in range(copies):
+        uid_map: dict[str, str] = {}
+        for source in sources:
+            ds = pydicom.dcmread(source)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                old = str(ds.get(keyword))
+                uid_map.setdefault(old, str(generate_uid()))
+                setattr(ds, keyword, uid_map[old])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = folder / f"{copy:03d}" / f"{ds.SOPInstanceUID}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path)
+            paths.append(path)
+    return paths
+
+
+def send(files: Sequence[Path], port: int, called: str, associations: int) -> float:
+    """storescu ``files`` split over ``associations`` parallel processes; return seconds."""
+    chunks = [list(files[i::associations]) for i in range(associations)]
+    lists = []
+    for index, chunk in enumerate(chunks):
+        listing = Path(tempfile.mkstemp(suffix=f"-{index}.txt")[1])
+        listing.write_text("\n".join(map(str, chunk)))
+        lists.append(listing)
+
+    def run(listing: Path) -> None:
+        files_here = listing.read_text().split("\n")
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *files_here],
+                       check=True, capture_output=True, env={**os.environ, **DCMTK_ENV})
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(associations) as pool:
+        list(pool.map(run, lists))
+    elapsed = time.perf_counter() - start
+    for listing in lists:
+        listing.unlink()
+    return elapsed
+
+
+class Receiver:
+    def __init__(self, name: str, called: str, start: Callable[[Path], int], stop: Callable[[], None]):
+        self.name, self.called, self.start, self.stop = name, called, start, stop
+
+
+def storescp_receiver() -> Receiver:
+    state: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(work: Path) -> int:
+        port = free_port()
+        work.mkdir(parents=True)
+        state["p"] = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(work), "--sort-on-study-uid", "st",
+                                       str(port)], env={**os.environ, **DCMTK_ENV},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", port, 10)
+        return port
+
+    def stop() -> None:
+        state["p"].terminate()
+        state["p"].wait()
+
+    return Receiver("storescp", "STORESCP", start, stop)
+
+
+def orthanc_receiver() -> Receiver:
+    state: dict[str, OrthancProcess] = {}
+
+    def start(work: Path) -> int:
+        orthanc = OrthancProcess(work, overrides={"LuaScripts": [], "Plugins": []})
+        orthanc.start()
+        state["o"] = orthanc
+        return orthanc.dicom_port
+
+    return Receiver("orthanc", "ORTHANC", start, lambda: state["o"].stop())
+
+
+def node_receiver() -> Receiver:
+    state: dict[str, NodeProcess] = {}
+
+    def start(work: Path) -> int:
+        node = NodeProcess(work, port=free_port(), destinations={},
+                           config={"analyses": {"hippocampus": {"plugin": "hippocampus", "enabled": False}}})
+        node.start()
+        state["n"] = node
+        return node.port
+
+    return Receiver("dicom-node", "DICOMNODE", start, lambda: state["n"].stop())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ct-slices", type=int, default=300)
+    parser.add_argument("--mr-copies", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
+        root = Path(tmp)
+        datasets = {
+            f"CT {args.ct_slices}x512x512": make_ct(root / "ct", args.ct_slices),
+            f"MR studies x{args.mr_copies}": make_mr_studies(root / "mr", args.mr_copies),
+        }
+        receivers = [node_receiver(), storescp_receiver(), orthanc_receiver()]
+        print(f"{'files':<22} {'assoc':>5} " + " ".join(f"{r.name:>11}" for r in receivers)
+              + "   node/storescp  node/orthanc   (MB/s, median of %d)" % args.repeats)
+        for label, files in datasets.items():
+            megabytes = sum(p.stat().st_size for p in files) / 1e6
+            for associations in (1, 4):
+                rates: dict[str, list[float]] = {r.name: [] for r in receivers}
+                ratios: dict[str, list[float]] = {"storescp": [], "orthanc": []}
+                for repeat in range(args.repeats):
+                    round_rates = {}
+                    for receiver in receivers:  # interleaved, so drift hits all alike
+                        work = root / f"run-{receiver.name}-{associations}-{repeat}-{label[:2]}"
+                        port = receiver.start(work)
+                        try:
+                            seconds = send(files, port, receiver.called, associations)
+                        finally:
+                            receiver.stop()
+                            shutil.rmtree(work, ignore_errors=True)
+                        round_rates[receiver.name] = megabytes / seconds
+                        rates[receiver.name].append(megabytes / seconds)
+                    ratios["storescp"].append(round_rates["dicom-node"] / round_rates["storescp"])
+                    ratios["orthanc"].append(round_rates["dicom-node"] / round_rates["orthanc"])
+                print(f"{label:<22} {associations:>5} "
+                      + " ".join(f"{statistics.median(rates[r.name]):>11.1f}" for r in receivers)
+                      + f"   {statistics.median(ratios['storescp']):>13.2f}"
+                      f"  {statistics.median(ratios['orthanc']):>12.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Tests for the hippocampus U-Net, its training command and the shipped weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.hippocampus.model import DEFAULT_ARCHITECTURE, UNet3d
+from inference.hippocampus.predict import (
+    HippocampusSegmenter,
+    dice_per_class,
+    evaluate,
+    list_cases,
+    load_case,
+)
+from inference.hippocampus.train import split_cases, train
+
+DATA_DIR = Path(__file__).parents[3] / "shared" / "data" / "hippocampus-msd"
+REPO = Path(__file__).parents[2]
+WEIGHTS = REPO / "inference" / "hippocampus" / "weights" / "hippocampus_unet3d.pt"
+
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"dataset not found at {DATA_DIR}")
+
+
+@pytest.fixture
+def untrained_weights(tmp_path: Path) -> Path:
+    """A weights file holding a freshly initialised network and minimal metadata."""
+    torch.manual_seed(0)
+    model = UNet3d(**DEFAULT_ARCHITECTURE)
+    path = tmp_path / "untrained.pt"
+    meta = {
+        "model_name": "hippocampus-unet3d",
+        "version": "0.0.0",
+        "architecture": dict(DEFAULT_ARCHITECTURE),
+    }
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(31, 45, 27), (8, 16, 8), (17, 9, 43)])
+def test_forward_keeps_odd_spatial_sizes(shape: tuple[int, int, int]) -> None:
+    model = UNet3d(**DEFAULT_ARCHITECTURE).eval()
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 1, *shape))
+    assert logits.shape == (2, 3, *shape)
+
+
+def test_forward_rejects_no_levels() -> None:
+    with pytest.raises(ValueError, match="levels"):
+        UNet3d(levels=0)
+
+
+def test_segment_returns_uint8_labels_of_input_shape(untrained_weights: Path) -> None:
+    segmenter = HippocampusSegmenter(untrained_weights, "cpu")
+    image = np.random.default_rng(0).normal(100.0, 20.0, size=(35, 51, 33))
+    labels = segmenter.segment(image)
+    assert labels.shape == image.shape
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert segmenter.meta["model_name"] == "hippocampus-unet3d"
+
+
+def test_segment_rejects_non_3d_input(untrained_weights: Path) -> None:
+    segmenter = HippocampusSegmenter(untrained_weights, "cpu")
+    with pytest.raises(ValueError, match="3D"):
+        segmenter.segment(np.zeros((4, 4)))
+
+
+def test_dice_per_class_counts_each_label() -> None:
+    truth = np.zeros((4, 4, 4), dtype=np.uint8)
+    truth[:2] = 1
+    prediction = truth.copy()
+    prediction[0] = 0
+    scores = dice_per_class(prediction, truth)
+    assert scores["anterior"] == pytest.approx(2 * 16 / (16 + 32))
+    assert scores["posterior"] == 1.0
+
+
+@needs_data
+def test_split_is_deterministic_and_disjoint() -> None:
+    split = split_cases(list_cases(DATA_DIR))
+    assert split == split_cases(list(reversed(list_cases(DATA_DIR))))
+    assert len(split["test"]) == 46
+    everything = split["train"] + split["validation"] + split["test"]
+    assert len(everything) == len(set(everything)) == 230
+
+
+@needs_data
+def test_one_epoch_on_four_cases_writes_loadable_weights(tmp_path: Path) -> None:
+    out_path = tmp_path / "weights" / "hippo.pt"
+    lines: list[str] = []
+    result = train(DATA_DIR, out_path, epochs=1, seed=3, progress=lines.append, max_cases=4)
+    assert [path.name for path in out_path.parent.iterdir()] == ["hippo.pt"]
+    assert any(line.startswith("epoch 1/1") and "val dice anterior" in line for line in lines)
+    meta = HippocampusSegmenter(out_path, "cpu").meta
+    assert meta == result["meta"]
+    assert meta["model_name"] == "hippocampus-unet3d"
+    assert meta["axcodes"] == ("R", "A", "S")
+    assert meta["spacing_mm"] == (1.0, 1.0, 1.0)
+    assert meta["label_names"] == {1: "anterior", 2: "posterior"}
+    assert meta["seed"] == 3 and meta["epochs"] == 1
+    assert len(meta["split"]) == 4
+    assert set(meta["held_out_dice"]) == {"anterior", "posterior", "mean", "n_cases"}
+    for key in ("version", "normalisation", "architecture"):
+        assert meta[key]
+
+
+@needs_data
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped weights not built yet")
+def test_shipped_weights_reach_recorded_dice() -> None:
+    assert WEIGHTS.stat().st_size < 5_000_000
+    segmenter = HippocampusSegmenter(WEIGHTS, "cpu")
+    recorded = segmenter.meta["held_out_dice"]
+    assert recorded["n_cases"] == 46
+    held_out = segmenter.meta["split"]
+    assert not set(held_out) & set(split_cases(list_cases(DATA_DIR))["train"])
+    scores = evaluate(segmenter, DATA_DIR, held_out[:5])
+    assert scores["anterior"] > 0.8
+    assert scores["posterior"] > 0.8
+    assert scores["mean"] == pytest.approx(recorded["mean"], abs=0.05)
+
+
+@needs_data
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped weights not built yet")
+def test_shipped_weights_respect_the_anterior_posterior_axis() -> None:
+    segmenter = HippocampusSegmenter(WEIGHTS, "cpu")
+    image, _ = load_case(DATA_DIR, segmenter.meta["split"][0])
+    labels = segmenter.segment(image)
+    anterior_y = np.nonzero(labels == 1)[1].mean()
+    posterior_y = np.nonzero(labels == 2)[1].mean()
+    assert anterior_y > posterior_y

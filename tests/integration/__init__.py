@@ -1,0 +1,1 @@
+"""Integration tests against real peers (Orthanc, DCMTK) started by the tests."""

@@ -1,0 +1,78 @@
+"""Fixtures that start real peers on 127.0.0.1: Orthanc and a DCMTK storescp stand-in node."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator
+
+import pytest
+
+from deploy.local.orthanc_process import OrthancProcess, StoreScpProcess
+
+TEST_STABLE_AGE_S = 1
+"""StableAge for tests: OnStableStudy fires about 1-2 s after the last instance."""
+
+_call_failed = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember whether the test body failed, so fixtures can dump peer logs."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_call_failed] = True
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return bool(request.node.stash.get(_call_failed, False))
+
+
+@pytest.fixture
+def storescp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreScpProcess]:
+    """A running DCMTK storescp (AE title DICOMNODE, free port) standing in for the node."""
+    if shutil.which("storescp") is None:
+        pytest.skip("storescp is not on PATH (apt package dcmtk)")
+    scp = StoreScpProcess(tmp_path / "storescp", aet="DICOMNODE")
+    scp.start()
+    yield scp
+    scp.stop()
+    if _failed(request):
+        print(f"----- storescp log ({scp.log_file}) -----\n{scp.log_text()}")
+
+
+@pytest.fixture
+def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., OrthancProcess]]:
+    """Factory: ``make_orthanc(node_aet=..., node_host=..., node_port=..., **kwargs)``.
+
+    Starts an Orthanc from the shipped orthanc.json and autoroute.lua (free ports, storage in
+    ``tmp_path``, ``StableAge`` = ``TEST_STABLE_AGE_S`` unless given) whose ``dicom-node``
+    modality points where asked. Every Orthanc started is stopped at teardown, and its log is
+    printed when the test fails.
+    """
+    started: list[OrthancProcess] = []
+
+    def make(**kwargs: Any) -> OrthancProcess:
+        kwargs.setdefault("stable_age_s", TEST_STABLE_AGE_S)
+        if shutil.which("Orthanc") is None:
+            pytest.skip("Orthanc is not on PATH (apt package orthanc)")
+        server = OrthancProcess(tmp_path / f"orthanc-{len(started)}", **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+        if _failed(request):
+            server.dump_log(sys.stdout)
+
+
+@pytest.fixture
+def orthanc(make_orthanc: Callable[..., OrthancProcess], storescp: StoreScpProcess) -> OrthancProcess:
+    """A running Orthanc (shipped config and Lua) whose ``dicom-node`` modality is ``storescp``."""
+    return make_orthanc(node_aet=storescp.aet, node_host=storescp.host, node_port=storescp.port)
