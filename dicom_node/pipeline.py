@@ -165,7 +165,10 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
             raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
     with _timed(outcome.timings, "report"):
         uids = result_uids(spec.study_uid, spec.series_uid, spec.analysis, result.model_version)
-        objects = build_results(result, sources, spec, uids, identity_for(result, spec.node_name))
+        try:
+            objects = build_results(result, sources, spec, uids, identity_for(result, spec.node_name))
+        except ValueError as exc:  # highdicom refuses sources that break their IOD
+            raise StudyNotProcessable(f"results cannot reference this series: {exc}") from exc
         out = Path(spec.result_dir)
         for name, ds in objects.items():
             path = out / f"{name}.dcm"

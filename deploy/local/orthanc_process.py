@@ -483,6 +483,7 @@ def run_storescu(
     calling_aet: str = "MODALITY",
     host: str = "127.0.0.1",
     timeout_s: float = 60.0,
+    extra_args: Sequence[str] = (),
 ) -> None:
     """C-STORE files (directories are scanned recursively) with DCMTK ``storescu``.
 
@@ -493,7 +494,7 @@ def run_storescu(
     """
     command = [
         "storescu", "--aetitle", calling_aet, "--call", called_aet, "--scan-directories",
-        "--recurse", host, str(port), *map(str, files_or_dirs),
+        "--recurse", *extra_args, host, str(port), *map(str, files_or_dirs),
     ]  # fmt: skip
     result = subprocess.run(
         command,
