@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real data not found at {SHARED_DATA} (../shared beside the repository)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> Callable[[Path], list[str]]:
+    """Run dciodvfy on a file, print its warnings and return its error lines."""
+    executable = shutil.which("dciodvfy")
+    if executable is None:
+        pytest.fail("dciodvfy is not on PATH: run scripts/setup.sh (apt package dicom3tools)")
+
+    def run(path: Path) -> list[str]:
+        completed = subprocess.run(
+            [executable, str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        lines = (completed.stdout + completed.stderr).splitlines()
+        for line in lines:
+            if line.startswith("Warning"):
+                print(f"dciodvfy {path.name}: {line}")
+        return [line for line in lines if line.startswith("Error")]
+
+    return run

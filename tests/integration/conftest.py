@@ -36,7 +36,7 @@ def _failed(request: pytest.FixtureRequest) -> bool:
 def storescp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreScpProcess]:
     """A running DCMTK storescp (AE title DICOMNODE, free port) standing in for the node."""
     if shutil.which("storescp") is None:
-        pytest.skip("storescp is not on PATH (apt package dcmtk)")
+        pytest.fail("storescp is not on PATH: run scripts/setup.sh (apt package dcmtk)")
     scp = StoreScpProcess(tmp_path / "storescp", aet="DICOMNODE")
     scp.start()
     yield scp
@@ -59,7 +59,7 @@ def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     def make(**kwargs: Any) -> OrthancProcess:
         kwargs.setdefault("stable_age_s", TEST_STABLE_AGE_S)
         if shutil.which("Orthanc") is None:
-            pytest.skip("Orthanc is not on PATH (apt package orthanc)")
+            pytest.fail("Orthanc is not on PATH: run scripts/setup.sh (apt package orthanc)")
         server = OrthancProcess(tmp_path / f"orthanc-{len(started)}", **kwargs)
         started.append(server)
         server.start()

@@ -36,7 +36,7 @@ ROUTE_DEADLINE_S = 20.0
 def source_uids() -> dict[str, str]:
     """SOPInstanceUID -> SeriesInstanceUID of every file of the test study."""
     if not STUDY_DIR.is_dir():
-        pytest.skip(f"test study not found: {STUDY_DIR}")
+        pytest.fail(f"test study not found: {STUDY_DIR}")
     uids = {}
     for path in sorted(STUDY_DIR.rglob("*.dcm")):
         dataset = pydicom.dcmread(path, stop_before_pixels=True)

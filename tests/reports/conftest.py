@@ -116,21 +116,3 @@ def artifacts_dir() -> Path:
     return ARTIFACTS_DIR
 
 
-@pytest.fixture(scope="session")
-def dciodvfy() -> Callable[[Path], list[str]]:
-    """Run dciodvfy on a file, print its warnings and return its error lines."""
-    executable = shutil.which("dciodvfy")
-    if executable is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-
-    def run(path: Path) -> list[str]:
-        completed = subprocess.run(
-            [executable, str(path)], capture_output=True, text=True, timeout=60, check=False
-        )
-        lines = (completed.stdout + completed.stderr).splitlines()
-        for line in lines:
-            if line.startswith("Warning"):
-                print(f"dciodvfy {path.name}: {line}")
-        return [line for line in lines if line.startswith("Error")]
-
-    return run
