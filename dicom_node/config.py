@@ -64,6 +64,7 @@ class NodeSettings(_Frozen):
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     min_free_disk_bytes: Annotated[int, Field(ge=0)] = 500_000_000
+    fsync: bool = True
 
 
 class GroupingSettings(_Frozen):

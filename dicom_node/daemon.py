@@ -9,14 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.errors import InvalidDicomError
+
 from dicom_node.config import NodeConfig
 from dicom_node.dispatcher import Completion, WorkerPool, resolve_devices
 from dicom_node.errors import DeliveryFailed
 from dicom_node.grouper import StudyTracker
-from dicom_node.ledger import Ledger
+from dicom_node.ledger import InstanceRecord, Ledger
 from dicom_node.pipeline import JobSpec
 from dicom_node.plugins import create_analyses
-from dicom_node.receiver import StorageSCP
+from dicom_node.receiver import StorageSCP, series_attributes
 from dicom_node.sender import backoff_s, send_files
 from dicom_node.spool import Spool
 
@@ -43,6 +46,33 @@ def job_line(job: dict[str, Any], study: dict[str, Any] | None, outcome: str) ->
     )
 
 
+def recover_spool(spool: Spool, ledger: Ledger, now: float) -> int:
+    """Record spool files the ledger lacks (a commit lost to a power cut); return how many.
+
+    A file in the spool was fsynced before it was acknowledged, so it was received; its
+    study then completes and is analysed like any other.
+    """
+    known = ledger.recorded_paths()
+    recovered = 0
+    for path in sorted(spool.root.glob("*/*/*.dcm")):
+        if str(path) in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            logger.error("spool file %s is unreadable, left in place: %s", path, exc)
+            continue
+        record = InstanceRecord(
+            sop_instance_uid=path.stem, series_uid=path.parent.name,
+            study_uid=path.parent.parent.name, sop_class_uid=str(ds.get("SOPClassUID", "")),
+            transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")), path=str(path),
+            size_bytes=path.stat().st_size, calling_ae_title="(recovered)", received_at=now,
+        )
+        ledger.record_instance(record, series_attributes(ds))
+        recovered += 1
+    return recovered
+
+
 class Node:
     """A dicom-node: receives studies, analyses them and sends results.
 
@@ -59,7 +89,7 @@ class Node:
         self.clock = clock
         data_dir = config.node.data_dir
         self.results_dir = data_dir / "results"
-        self.spool = Spool(data_dir / "spool")
+        self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.ledger = Ledger(data_dir / "ledger.sqlite3")
         self.analyses = create_analyses(config.analyses)
         self.tracker = StudyTracker(
@@ -82,9 +112,13 @@ class Node:
     def start(self, *, ready_timeout_s: float = 300.0) -> tuple[str, int]:
         """Recover from the ledger, start workers, the SCP and the sender; return the address."""
         stale = self.spool.remove_stale_temporaries()
+        recovered = recover_spool(self.spool, self.ledger, self.clock())
         requeued = self.ledger.requeue_interrupted()
-        if stale or requeued:
-            logger.info("recovered: %d partial file(s) removed, %d job(s) re-queued", stale, requeued)
+        if stale or recovered or requeued:
+            logger.info(
+                "recovered: %d partial file(s) removed, %d instance(s) re-recorded, %d job(s) re-queued",
+                stale, recovered, requeued,
+            )
         devices = resolve_devices(self.config.workers)
         self.pool = WorkerPool(self.config.workers, self.config.analyses, devices)
         if not self.pool.wait_ready(ready_timeout_s):

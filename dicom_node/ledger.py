@@ -137,11 +137,14 @@ class Ledger:
     """The node's durable state in one SQLite database (WAL mode).
 
     Each thread gets its own connection; every method is one transaction. ``synchronous``
-    is ``FULL`` by default so an acknowledged instance survives a power loss, not only a
-    crash of the process.
+    is ``NORMAL``: a commit survives a crash of the node, and after a power cut the last
+    commits may be missing. That loses nothing: instance files are fsynced before they are
+    recorded and the node re-records spool files the ledger lacks at start-up
+    (:func:`dicom_node.daemon.recover_spool`); a job whose outcome was lost runs again
+    and files the same deterministic UIDs. ``FULL`` adds an fsync to every commit.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
         if synchronous not in {"FULL", "NORMAL"}:
             raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
         self.path = path
@@ -240,6 +243,10 @@ class Ledger:
                     (now, record.study_uid),
                 )
             return True
+
+    def recorded_paths(self) -> set[str]:
+        """Return the spool paths of every recorded instance."""
+        return {row[0] for row in self._connection().execute("SELECT path FROM instances")}
 
     def series_of_study(self, study_uid: str) -> list[SeriesInfo]:
         """Return the series of a study with their instance counts."""

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -85,6 +88,38 @@ def raw_uid(ds: Dataset, keyword: str) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii", errors="replace").rstrip("\x00 ")
     return str(value or "")
+
+
+#: (7FE0,0010) and the float/double pixel data after it: the header ends there.
+_PIXEL_DATA_GROUP = 0x7FE0
+
+
+def _before_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group >= _PIXEL_DATA_GROUP
+
+
+def read_header(event: Event) -> Dataset:
+    """Return the received data set's elements before the pixel data, without copying it.
+
+    Decoding the whole instance (``event.dataset``) would read the pixel data into a new
+    buffer only to find the UIDs; reading up to (7FE0,0010) costs the same for any image
+    size. Deflated data sets must be inflated first, so they take pynetdicom's path.
+    """
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:
+        return event.dataset
+    stream = event.request.DataSet
+    stream.seek(0)
+    try:
+        return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                            stop_when=_before_pixels)
+    finally:
+        stream.seek(0)
+
+
+def file_preamble_and_meta(event: Event) -> bytes:
+    """Return the Part 10 preamble, prefix and file meta information of a received instance."""
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
 
 
 def _failure(code: int, comment: str) -> Dataset:
@@ -242,7 +277,7 @@ class StorageSCP:
 
     def _store(self, event: Event, calling: str) -> tuple[InstanceRecord, dict[str, Any]]:
         try:
-            ds = event.dataset
+            ds = read_header(event)
             study_uid = raw_uid(ds, "StudyInstanceUID")
             series_uid = raw_uid(ds, "SeriesInstanceUID")
             sop_uid = raw_uid(ds, "SOPInstanceUID")
@@ -268,10 +303,12 @@ class StorageSCP:
             )
         if self.spool.free_bytes() < self.settings.min_free_disk_bytes:
             raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full")
-        data = event.encoded_dataset(include_meta=True)
+        header = file_preamble_and_meta(event)
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         try:
-            self.spool.write(path, data)
+            with event.request.DataSet.getbuffer() as data:  # no copy of the pixel data
+                size_bytes = len(header) + len(data)
+                self.spool.write(path, header, data)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full") from exc
@@ -285,7 +322,7 @@ class StorageSCP:
             sop_class_uid=sop_class,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             path=str(path),
-            size_bytes=len(data),
+            size_bytes=size_bytes,
             calling_ae_title=calling,
             received_at=self.clock(),
         )

@@ -42,3 +42,27 @@ def test_result_uids_are_deterministic_and_distinct() -> None:
     assert all(is_valid_uid(uid) and uid.startswith("2.25.") for uid in first.values())
     with pytest.raises(ValueError):
         result_uid("1.2", "")
+
+
+def test_spool_files_missing_from_the_ledger_are_recovered(tmp_path: Path) -> None:
+    """As after a power cut that lost the last ledger commits: the fsynced file is the truth."""
+    import shutil
+
+    import pydicom
+
+    from dicom_node.daemon import recover_spool
+    from dicom_node.ledger import Ledger
+    from tests.conftest import HIPPO_CROP_STUDY1
+
+    spool = Spool(tmp_path / "spool")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    sources = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[:3]
+    for source in sources:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        path = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, path)
+    assert recover_spool(spool, ledger, now=5.0) == 3
+    assert recover_spool(spool, ledger, now=6.0) == 0
+    (info,) = ledger.series_of_study(str(ds.StudyInstanceUID))
+    assert info.instance_count == 3 and info.description == "HippoCrop"
