@@ -90,7 +90,7 @@ def read_datasets(paths: Sequence[Path | str]) -> list[Dataset]:
     StudyNotProcessable
         Naming the first file that is not readable DICOM.
     """
-    datasets = []
+    datasets: list[Dataset] = []
     for path in paths:
         try:
             datasets.append(pydicom.dcmread(path))

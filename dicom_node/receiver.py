@@ -10,12 +10,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -98,6 +100,15 @@ def _before_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag.group >= _PIXEL_DATA_GROUP
 
 
+def received_stream(event: Event) -> BytesIO:
+    """Return the encoded data set of a C-STORE request, as pynetdicom received it."""
+    request = cast(C_STORE, event.request)
+    stream = request.DataSet
+    if not isinstance(stream, BytesIO):
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, "the C-STORE request has no data set")
+    return stream
+
+
 def read_header(event: Event) -> Dataset:
     """Return the received data set's elements before the pixel data, without copying it.
 
@@ -108,7 +119,7 @@ def read_header(event: Event) -> Dataset:
     syntax = event.context.transfer_syntax
     if syntax.is_deflated:
         return event.dataset
-    stream = event.request.DataSet
+    stream = received_stream(event)
     stream.seek(0)
     try:
         return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
@@ -206,23 +217,27 @@ class StorageSCP:
             ae.require_calling_aet = list(self.settings.allowed_calling_ae_titles)
         syntaxes = transfer_syntax_preference()
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         return ae
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; return the bound (host, port)."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
         ]
         ae = self.build_ae()
-        self._server = ae.start_server(
+        server = ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )
-        host, port = self._server.server_address[:2]
+        if server is None:
+            raise RuntimeError("pynetdicom did not return a server")
+        self._server = server
+        host, port = server.server_address[:2]
         logger.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, host, port)
         return str(host), int(port)
 
@@ -266,7 +281,7 @@ class StorageSCP:
             self.counters.add_rejected(status.describe(exc.status))
             logger.warning(
                 "refused instance %s from %s: %s (%s)",
-                event.request.AffectedSOPInstanceUID, calling, exc.reason,
+                cast(C_STORE, event.request).AffectedSOPInstanceUID, calling, exc.reason,
                 status.describe(exc.status),
             )
             return _failure(exc.status, exc.reason)
@@ -295,7 +310,7 @@ class StorageSCP:
             if not is_valid_uid(uid):
                 problem = "missing" if not uid else f"invalid ({uid[:24]!r})"
                 raise RejectedInstance(status.INVALID_IDENTIFIERS, f"{keyword} is {problem}")
-        request = event.request
+        request = cast(C_STORE, event.request)
         if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
             raise RejectedInstance(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -306,7 +321,7 @@ class StorageSCP:
         header = file_preamble_and_meta(event)
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         try:
-            with event.request.DataSet.getbuffer() as data:  # no copy of the pixel data
+            with received_stream(event).getbuffer() as data:  # no copy of the pixel data
                 size_bytes = len(header) + len(data)
                 self.spool.write(path, header, data)
         except OSError as exc:
