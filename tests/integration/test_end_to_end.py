@@ -165,3 +165,24 @@ def test_destination_down_results_delivered_when_back(
         assert len(received_sops(scp)) == 3
     finally:
         scp.stop()
+
+
+def test_late_instance_supersedes_results_under_the_same_uids(
+    storescp: StoreScpProcess, make_node: Callable[..., NodeProcess]
+) -> None:
+    node = make_node(destinations={"pacs": (storescp.aet, storescp.host, storescp.port)})
+    node.start()
+    files = sorted(CROP_SERIES.glob("*.dcm"), key=lambda p: int(p.stem))
+    run_storescu(files[:-1], node.port, called_aet="DICOMNODE")
+    wait_until(lambda: deliveries_of(node)["sent"] == 1, deadline_s=60, what="first results")
+    first = node.ledger().job_rows()[0]["summary"]
+    run_storescu(files[-1:], node.port, called_aet="DICOMNODE")  # a late instance
+    wait_until(lambda: deliveries_of(node)["sent"] == 2, deadline_s=60, what="second results")
+    jobs = node.ledger().job_rows()
+    assert [j["generation"] for j in jobs] == [2, 1]
+    second = jobs[0]["summary"]
+    assert second["result_uids"] == first["result_uids"]  # replaces, never adds
+    sops = received_sops(storescp)
+    assert len(sops) == 3 and set(sops.values()) == {2}
+    study = node.ledger().study(jobs[0]["study_uid"])
+    assert study is not None and study["generation"] == 2
