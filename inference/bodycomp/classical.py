@@ -1,0 +1,438 @@
+"""The classical body-composition path: HU thresholds, body outline, abdominal wall and a vertebral-level finder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage, signal
+
+logger = logging.getLogger(__name__)
+
+#: Tissue windows in Hounsfield units (Mitsiopoulos et al. 1998; Shen et al. 2004).
+MUSCLE_HU = (-29.0, 150.0)
+ADIPOSE_HU = (-190.0, -30.0)
+#: Anything above this is the patient (air and lung are about -1000 to -700 HU).
+BODY_HU = -500.0
+#: Cortical and cancellous bone of a vertebra in an adult, above disc and muscle.
+BONE_HU = 150.0
+
+#: Label values of the compartments in every label map of this package.
+MUSCLE, SUBCUTANEOUS_FAT, VISCERAL_FAT = 1, 2, 3
+
+#: Polar sampling of a slice around the body centroid.
+N_ANGLES = 360
+RADIAL_STEP_MM = 0.5
+#: Fat deeper than this under the skin is not subcutaneous (no subcutaneous layer on that ray).
+MAX_SKIN_TO_FAT_MM = 12.0
+#: A tissue run along a ray must be this long to count: thinner strands are septa or skin.
+MIN_RUN_MM = 3.0
+#: Median window along the angle that bridges gaps in the muscle wall (linea alba, septa).
+WALL_SMOOTHING_DEG = 21
+#: Deepest muscle wall taken from the outer fascia inwards: the paraspinal muscles behind
+#: (within 50 degrees of straight back) are the thickest; elsewhere the wall is thinner, and
+#: a deeper dense run is an organ (liver, kidney, bowel) resting on it.
+MAX_WALL_MM = 80.0
+MAX_WALL_ANTEROLATERAL_MM = 25.0
+POSTERIOR_SECTOR_DEG = 50.0
+
+#: Spine search: half-width of the midline band and the vertebral body box, in millimetres.
+SPINE_BAND_MM = 20.0
+BODY_BOX_MM = (8.0, 8.0)
+#: Depth from the anterior cortex to the centre of a vertebral body (lumbar bodies are ~30-35 mm).
+BODY_CENTRE_DEPTH_MM = 13.0
+#: Bone farther than this from the spine's midline, left or right, is rib or pelvis.
+LATERAL_BONE_MM = 60.0
+#: Shortest spacing of two intervertebral discs along z (a T10-L5 body with its disc is 25-40 mm; upper thoracic levels are out of reach).
+MIN_DISC_SPACING_MM = 24.0
+LEVEL_NAMES = tuple(f"C{i}" for i in range(1, 8)) + tuple(f"T{i}" for i in range(1, 13)) + tuple(
+    f"L{i}" for i in range(1, 6)
+) + ("S1",)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return np.asarray(labels == int(np.argmax(sizes)))
+
+
+def _disk(radius_px: tuple[float, float]) -> np.ndarray:
+    ry, rx = (max(1, int(round(r))) for r in radius_px)
+    y, x = np.ogrid[-ry : ry + 1, -rx : rx + 1]
+    return np.asarray((y / ry) ** 2 + (x / rx) ** 2 <= 1.0)
+
+
+def body_mask(hu: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+    """Return the patient's body outline on one axial slice.
+
+    Everything above ``BODY_HU`` is opened with a 3 mm disc (detaches the table and
+    blankets), the largest component kept and its holes (bowel gas, lung) filled.
+
+    Parameters
+    ----------
+    hu
+        2D slice in Hounsfield units, rows then columns.
+    spacing_mm
+        Row and column spacing in millimetres.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the slice's shape; empty when no tissue is present.
+    """
+    mask = hu > BODY_HU
+    if not mask.any():
+        return mask
+    radius = (3.0 / spacing_mm[0], 3.0 / spacing_mm[1])
+    opened = ndimage.binary_opening(mask, structure=_disk(radius))
+    if opened.any():
+        mask = opened
+    return np.asarray(ndimage.binary_fill_holes(_largest_component(mask)))
+
+
+def _first_run(flags: np.ndarray, start: int, run: int) -> int | None:
+    """Index of the first sample at or below ``start`` (walking down) that begins a run of
+    ``run`` consecutive true flags, or ``None``."""
+    count = 0
+    for index in range(start, -1, -1):
+        count = count + 1 if flags[index] else 0
+        if count >= run:
+            return index + run - 1
+    return None
+
+
+@dataclass(frozen=True)
+class WallProfile:
+    """The abdominal wall of one slice in polar form around the body centroid.
+
+    ``outer_mm`` is the radius of the outer muscle fascia (subcutaneous fat lies outside it),
+    ``inner_mm`` the inner edge of the muscle wall, one value per degree.
+    """
+
+    centre_px: tuple[float, float]
+    outer_mm: np.ndarray
+    inner_mm: np.ndarray
+
+
+def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float]) -> WallProfile:
+    """Find the muscle wall along rays cast from the body centroid.
+
+    Walking inwards from the skin on each ray: the first fat within ``MAX_SKIN_TO_FAT_MM``
+    starts the subcutaneous layer, the first dense run (> -30 HU, at least ``MIN_RUN_MM``)
+    after it is the outer fascia; the wall ends at the next run of fat, air or bone. Both
+    radii are median-filtered along the angle over ``WALL_SMOOTHING_DEG`` so that gaps in
+    the wall (linea alba, hernia, septa) do not let visceral fat through.
+
+    Parameters
+    ----------
+    hu, body
+        One axial slice in HU and its body mask, rows running from anterior to posterior.
+    spacing_mm
+        Row and column spacing.
+
+    Returns
+    -------
+    WallProfile
+    """
+    sy, sx = spacing_mm
+    ys, xs = np.nonzero(body)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    reach = float(np.max(np.hypot((ys - cy) * sy, (xs - cx) * sx))) + 2.0
+    radii = np.arange(0.0, reach, RADIAL_STEP_MM)
+    angles = np.radians(np.arange(N_ANGLES) * 360.0 / N_ANGLES)
+    rows = cy + np.outer(np.sin(angles), radii) / sy
+    cols = cx + np.outer(np.cos(angles), radii) / sx
+    polar = ndimage.map_coordinates(hu, [rows, cols], order=1, cval=-1000.0)
+    polar = ndimage.uniform_filter1d(polar, 3, axis=1)
+    inside = ndimage.map_coordinates(body.astype(np.float32), [rows, cols], order=0, cval=0.0) > 0.5
+    run = max(1, int(round(MIN_RUN_MM / RADIAL_STEP_MM)))
+    skin_gap = int(round(MAX_SKIN_TO_FAT_MM / RADIAL_STEP_MM))
+    posterior = np.abs(np.degrees(angles) - 90.0) <= POSTERIOR_SECTOR_DEG
+    wall_mm = np.where(posterior, MAX_WALL_MM, MAX_WALL_ANTEROLATERAL_MM)
+    outer = np.zeros(N_ANGLES)
+    inner = np.zeros(N_ANGLES)
+    for a in range(N_ANGLES):
+        on_ray = np.nonzero(inside[a])[0]
+        if on_ray.size == 0:
+            continue
+        skin = int(on_ray[-1])
+        profile = polar[a]
+        fat = (profile >= ADIPOSE_HU[0]) & (profile <= ADIPOSE_HU[1])
+        dense = profile > ADIPOSE_HU[1]
+        fat_start = _first_run(fat[: skin + 1], skin, 2)
+        wall = None
+        if fat_start is not None and skin - fat_start <= skin_gap:
+            wall = _first_run(dense[: fat_start + 1], fat_start, run)
+        if wall is None:
+            wall = max(0, skin - int(round(2.0 / RADIAL_STEP_MM)))
+        stop = (profile <= ADIPOSE_HU[1]) | (profile > BONE_HU)
+        max_wall = int(round(wall_mm[a] / RADIAL_STEP_MM))
+        end = _first_run(stop[: wall + 1], wall, run)
+        end = max(0, wall - max_wall) if end is None else max(end, wall - max_wall)
+        outer[a], inner[a] = radii[wall], radii[end]
+    size = WALL_SMOOTHING_DEG
+    outer = ndimage.median_filter(outer, size=size, mode="wrap")
+    inner = ndimage.median_filter(inner, size=size, mode="wrap")
+    return WallProfile((cy, cx), outer, np.minimum(inner, outer))
+
+
+def segment_slice(
+    hu: np.ndarray, spacing_mm: tuple[float, float], *, thoracic: bool = False
+) -> np.ndarray:
+    """Label muscle, subcutaneous fat and visceral fat on one axial slice by HU thresholds.
+
+    Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
+    edge); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    inside it (intermuscular fat is counted as visceral).
+
+    Parameters
+    ----------
+    hu
+        2D axial slice in HU, rows from anterior to posterior (the stack of
+        :func:`inference.bodycomp.classical` callers is in ``("S", "P", "L")`` order).
+    spacing_mm
+        Row and column spacing in millimetres.
+    thoracic
+        No visceral class (fat inside the wall stays 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 labels: 0 background, ``MUSCLE``, ``SUBCUTANEOUS_FAT``, ``VISCERAL_FAT``.
+    """
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    body = body_mask(hu, spacing_mm)
+    if np.count_nonzero(body) < 50:
+        return labels
+    wall = find_wall(hu, body, spacing_mm)
+    rows, cols = np.indices(hu.shape, dtype=np.float64)
+    dy, dx = (rows - wall.centre_px[0]) * spacing_mm[0], (cols - wall.centre_px[1]) * spacing_mm[1]
+    radius = np.hypot(dy, dx)
+    angle = (np.round(np.degrees(np.arctan2(dy, dx)) * N_ANGLES / 360.0).astype(int)) % N_ANGLES
+    outer, inner = wall.outer_mm[angle], wall.inner_mm[angle]
+    fat = body & (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
+    muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
+    labels[muscle] = MUSCLE
+    labels[fat & (radius > outer)] = SUBCUTANEOUS_FAT
+    if not thoracic:
+        labels[fat & (radius <= outer)] = VISCERAL_FAT
+    return labels
+
+
+@dataclass(frozen=True)
+class SpineTrack:
+    """The vertebral column followed along z, and the levels found on it.
+
+    All positions are slice indices of the axial stack (increasing towards the head).
+    ``profile`` is the mean HU in the vertebral-body box per slice, ``discs`` the slices of
+    the intervertebral discs found as its minima, ``bodies`` the vertebral body centres
+    between them, ``levels`` the level name of each labelled body centre, ``anchor`` how the
+    labels were fixed (``"pelvis"``, ``"ribs"`` or ``"none"``) and ``notes`` what to trust.
+    """
+
+    profile: np.ndarray
+    discs: tuple[float, ...]
+    bodies: tuple[float, ...]
+    levels: dict[str, float] = field(default_factory=dict)
+    anchor: str = "none"
+    notes: tuple[str, ...] = ()
+
+    def position(self, level: str) -> float | None:
+        """Return the slice position (fractional index) of ``level``, or ``None``."""
+        return self.levels.get(level)
+
+
+def _track_spine(
+    stack: np.ndarray, spacing_mm: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice: vertebral-body centre (row, column), lateral bone area (cm²) and whether
+    the spine was found. Rows run anterior to posterior, columns right to left."""
+    _, sy, sx = spacing_mm
+    n = stack.shape[0]
+    centre = np.full((n, 2), np.nan)
+    lateral = np.zeros(n)
+    pixel_cm2 = sy * sx / 100.0
+    for k in range(n):
+        hu = stack[k]
+        body = body_mask(hu, (sy, sx))
+        if np.count_nonzero(body) < 100:
+            continue
+        ys, xs = np.nonzero(body)
+        cy, cx = ys.mean(), xs.mean()
+        bone = body & (hu > BONE_HU)
+        rows, cols = np.indices(hu.shape)
+        lateral[k] = np.count_nonzero(bone & (np.abs(cols - cx) * sx > LATERAL_BONE_MM)) * pixel_cm2
+        # Close 3 mm gaps so that a vertebra's fragmented cortex (partial volume) is one piece.
+        closed = ndimage.binary_closing(bone, structure=_disk((3.0 / sy, 3.0 / sx))) & body
+        components, count = ndimage.label(closed)
+        if count == 0:
+            continue
+        in_band = (np.abs(cols - cx) * sx < SPINE_BAND_MM) & (rows > cy - 10.0 / sy)
+        band_counts = np.bincount(components[in_band], minlength=count + 1)
+        band_counts[0] = 0
+        best = int(np.argmax(band_counts))
+        if band_counts[best] * pixel_cm2 < 1.0:
+            continue
+        vertebra = (components == best) & in_band
+        vy, vx = np.nonzero(vertebra)
+        centre[k] = (np.percentile(vy, 5) + BODY_CENTRE_DEPTH_MM / sy, vx.mean())
+    return centre, lateral, np.isfinite(centre[:, 0])
+
+
+def _smooth_track(values: np.ndarray, found: np.ndarray, size: int) -> np.ndarray:
+    """A robust smooth curve through the per-slice positions: a running median, then a
+    cubic fit that drops positions more than 8 mm-equivalent pixels from it, twice."""
+    index = np.arange(values.size, dtype=np.float64)
+    filled = np.interp(index, index[found], values[found])
+    smooth = np.asarray(ndimage.median_filter(filled, size=size, mode="nearest"))
+    keep = found.copy()
+    degree = min(3, max(0, int(keep.sum()) - 1))
+    for _ in range(2):
+        if keep.sum() <= degree:
+            break
+        coefficients = np.polyfit(index[keep], values[keep], degree)
+        fitted = np.polyval(coefficients, index)
+        keep = found & (np.abs(values - fitted) < 3.0)
+        smooth = fitted
+    return smooth
+
+
+def find_levels(stack: np.ndarray, spacing_mm: tuple[float, float, float]) -> SpineTrack:
+    """Find the vertebral bodies along z and name them.
+
+    Method: in each axial slice the vertebra is the bone (> 200 HU) component with most
+    pixels in a 40 mm band around the body's midline, posterior to its centroid; the
+    vertebral-body centre lies 13 mm behind its anterior cortex. The mean HU in a box there,
+    slice by slice, dips at every intervertebral disc; discs are the minima of that profile
+    (detrended, at least 18 mm apart). Names are fixed by an anchor: when the pelvis is in
+    the scan (large bone areas lateral to the spine, in a run from the lowest slices), the
+    iliac crest top marks the L4/L5 disc (the intercristal line); otherwise the lowest slice
+    of a persistent run of bone more than 60 mm lateral to the spine (the tips of the 12th
+    ribs) is taken to lie just below the centre of L1. A disc too faint to be found is put back in the middle
+    of a gap longer than 1.4 median gaps.
+
+    Limits: lumbosacral transitional vertebrae, 11 or 13 rib pairs, scoliosis, vertebral
+    fractures, metal and scans that contain neither the iliac crests nor the lowest ribs
+    give a wrong or no name; the anchor is reported with the result.
+
+    Parameters
+    ----------
+    stack
+        Axial stack in HU, axes (inferior to superior, anterior to posterior, right to left).
+    spacing_mm
+        Spacing along those axes.
+
+    Returns
+    -------
+    SpineTrack
+    """
+    dz = spacing_mm[0]
+    n = stack.shape[0]
+    centre, lateral, found = _track_spine(stack, spacing_mm)
+    notes: list[str] = []
+    if found.sum() < 3:
+        return SpineTrack(np.zeros(n), (), (), {}, "none", ("no spine found",))
+    size = max(3, int(round(15.0 / dz)) | 1)
+    cy = _smooth_track(centre[:, 0], found, size)
+    cx = _smooth_track(centre[:, 1], found, size)
+    hy = max(1, int(round(BODY_BOX_MM[0] / spacing_mm[1])))
+    hx = max(1, int(round(BODY_BOX_MM[1] / spacing_mm[2])))
+    profile = np.zeros(n)
+    for k in range(n):
+        y, x = int(round(cy[k])), int(round(cx[k]))
+        box = stack[k, max(0, y - hy) : y + hy + 1, max(0, x - hx) : x + hx + 1]
+        profile[k] = float(np.mean(np.clip(box, -100.0, 1000.0))) if box.size else 0.0
+    trend = ndimage.uniform_filter1d(profile, max(3, int(round(60.0 / dz))), mode="nearest")
+    detrended = profile - trend
+    distance = max(1, int(round(MIN_DISC_SPACING_MM / dz)))
+    minima, _ = signal.find_peaks(-detrended, distance=distance, prominence=20.0)
+    discs = _fill_missed_discs([float(m) for m in minima])
+    bodies = [0.5 * (a + b) for a, b in zip(discs[:-1], discs[1:], strict=False)]
+    if len(discs) >= 2:
+        height = float(np.median(np.diff(discs)))
+        if discs[0] - 0.5 * height >= -0.25 * height:
+            bodies.insert(0, discs[0] - 0.5 * height)
+        if discs[-1] + 0.5 * height <= n - 1 + 0.25 * height:
+            bodies.append(discs[-1] + 0.5 * height)
+    levels: dict[str, float] = {}
+    anchor = "none"
+    crest = _iliac_crest(lateral, dz)
+    rib = _lowest_rib(lateral, dz, crest)
+    if crest is not None and len(bodies) >= 2:
+        # The intercristal line crosses the L4/L5 disc in most adults: L4 is the first body above.
+        l45 = min(discs, key=lambda d: abs(d - crest))
+        above = [b for b in bodies if b > l45]
+        if above:
+            levels = _name_bodies(bodies, bodies.index(above[0]), "L4")
+            anchor = "pelvis"
+            notes.append(f"iliac crest top at slice {crest:.0f}, taken as the L4/L5 disc")
+    if not levels and rib is not None and len(bodies) >= 2:
+        # The tip of the 12th rib (its lowest point) lies just below the centre of L1.
+        above_rib = [b for b in bodies if b > rib]
+        if above_rib:
+            levels = _name_bodies(bodies, bodies.index(above_rib[0]), "L1")
+            anchor = "ribs"
+            notes.append(f"lowest rib at slice {rib:.0f}, the first body above it taken as L1")
+    if not levels:
+        notes.append("neither the iliac crests nor the lowest ribs are in the scan: levels not named")
+    logger.debug("spine: discs %s, bodies %s, levels %s (%s)", discs, bodies, levels, anchor)
+    return SpineTrack(profile, tuple(discs), tuple(bodies), levels, anchor, tuple(notes))
+
+
+def _fill_missed_discs(discs: list[float]) -> list[float]:
+    """Insert discs evenly in any gap longer than 1.4 median gaps (a faint disc)."""
+    if len(discs) < 3:
+        return discs
+    gap = float(np.median(np.diff(discs)))
+    filled = [discs[0]]
+    for disc in discs[1:]:
+        missing = int(round((disc - filled[-1]) / gap)) - 1
+        if (disc - filled[-1]) > 1.4 * gap and missing >= 1:
+            step = (disc - filled[-1]) / (missing + 1)
+            filled.extend(filled[-1] + step * (i + 1) for i in range(missing))
+        filled.append(disc)
+    return filled
+
+
+def _name_bodies(bodies: list[float], index: int, level: str) -> dict[str, float]:
+    """Name every body from the one at ``index`` being ``level`` (bodies ascend towards the head)."""
+    names: dict[str, float] = {}
+    reference = LEVEL_NAMES.index(level)
+    for position, body_z in enumerate(bodies):
+        name_index = reference - (position - index)
+        if 0 <= name_index < len(LEVEL_NAMES):
+            names[LEVEL_NAMES[name_index]] = body_z
+    return names
+
+
+def _lowest_rib(lateral_cm2: np.ndarray, dz: float, crest: float | None) -> float | None:
+    """Lowest slice of a persistent run of bone far lateral to the spine above the pelvis."""
+    run = max(2, int(round(9.0 / dz)))
+    start = 0 if crest is None else int(crest) + max(1, int(round(30.0 / dz)))
+    present = lateral_cm2 > 1.5
+    for k in range(start, present.size - run + 1):
+        if present[k : k + run].all():
+            return float(k)
+    return None
+
+
+def _iliac_crest(lateral_cm2: np.ndarray, dz: float) -> float | None:
+    """Top slice of the pelvis: the run of lateral bone that starts in the lowest slices."""
+    present = lateral_cm2 > 2.0
+    bottom = max(1, int(round(30.0 / dz)))
+    if not present[:bottom].any() or lateral_cm2[:bottom].max() < 5.0:
+        return None
+    gap = max(1, int(round(6.0 / dz)))
+    top, misses = 0, 0
+    for k in range(present.size):
+        if present[k]:
+            top, misses = k, 0
+        else:
+            misses += 1
+            if misses > gap and k > bottom:
+                break
+    return float(top)

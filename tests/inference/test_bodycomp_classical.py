@@ -1,0 +1,85 @@
+"""The classical body-composition path measured on the real CT in ../shared/data/ct-abdomen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nibabel
+import numpy as np
+import pytest
+
+from inference.bodycomp import classical
+from inference.bodycomp.series_choice import SeriesCandidate, choose_series
+from tests.conftest import SHARED_DATA
+
+CT = SHARED_DATA / "ct-abdomen"
+#: nibabel has no type annotations.
+nib: Any = nibabel
+#: example_ct_sm is slices 82..111 of example_ct (same voxels; its header keeps the origin).
+SM_OFFSET = 82
+
+
+def axial_stack(name: str) -> np.ndarray:
+    """A RAS NIfTI as the (S, P, L) stack the package works in."""
+    image = nib.as_closest_canonical(nib.load(CT / name))
+    assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    return np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    overlap, total = int(np.count_nonzero(a & b)), int(np.count_nonzero(a) + np.count_nonzero(b))
+    return 2.0 * overlap / max(1, total)
+
+
+def test_compartments_agree_with_totalsegmentator_tissue_masks() -> None:
+    stack = axial_stack("example_ct_sm.nii.gz")
+    labels = np.stack([classical.segment_slice(s, (3.0, 3.0)) for s in stack])
+    reference = {
+        classical.MUSCLE: axial_stack("tissue_types_on_ct_sm/skeletal_muscle.nii.gz") > 0,
+        classical.SUBCUTANEOUS_FAT: axial_stack("tissue_types_on_ct_sm/subcutaneous_fat.nii.gz") > 0,
+        classical.VISCERAL_FAT: axial_stack("tissue_types_on_ct_sm/torso_fat.nii.gz") > 0,
+    }
+    scores = {label: dice(labels == label, mask) for label, mask in reference.items()}
+    print("Dice", scores)
+    # Measured 0.755 / 0.881 / 0.791 (README); guard against regressions.
+    assert scores[classical.MUSCLE] > 0.72
+    assert scores[classical.SUBCUTANEOUS_FAT] > 0.85
+    assert scores[classical.VISCERAL_FAT] > 0.75
+
+
+def test_thoracic_mode_has_no_visceral_class() -> None:
+    stack = axial_stack("example_ct_sm.nii.gz")
+    labels = classical.segment_slice(stack[15], (3.0, 3.0), thoracic=True)
+    assert set(np.unique(labels)) <= {0, classical.MUSCLE, classical.SUBCUTANEOUS_FAT}
+
+
+def _vertebral_body_centre(vertebrae: np.ndarray, value: int) -> float:
+    z, y, _ = np.nonzero(vertebrae == value)
+    anterior = y < np.median(y)  # rows run anterior to posterior: the body, not the arch
+    return float(z[anterior].mean())
+
+
+def test_levels_against_the_vertebra_map() -> None:
+    vertebrae = axial_stack("totalseg_fast_on_ct_sm.nii.gz").astype(np.uint8)
+    t12, l1 = _vertebral_body_centre(vertebrae, 32), _vertebral_body_centre(vertebrae, 31)
+    small = classical.find_levels(axial_stack("example_ct_sm.nii.gz"), (3.0, 3.0, 3.0))
+    assert small.anchor == "ribs"
+    assert abs(small.levels["L1"] - l1) * 3.0 < 6.0  # measured 1.5 mm
+    full = classical.find_levels(axial_stack("example_ct.nii.gz"), (3.0, 3.0, 3.0))
+    assert full.anchor == "pelvis"
+    assert abs(full.levels["L1"] - (l1 + SM_OFFSET)) * 3.0 < 6.0  # measured 4.5 mm
+    assert abs(full.levels["T12"] - (t12 + SM_OFFSET)) * 3.0 < 6.0  # measured 2.7 mm
+    # L3 is one body below L2 and lies below the part covered by the vertebra map.
+    assert full.levels["L3"] < SM_OFFSET
+    assert 30.0 < (full.levels["L2"] - full.levels["L3"]) * 3.0 < 40.0
+
+
+def test_series_choice_prefers_soft_tissue_kernel_then_thickness() -> None:
+    bone = SeriesCandidate("1.2.1", "B70f", 3.0, 100)
+    soft_thin = SeriesCandidate("1.2.2", "B30f", 0.6, 500)
+    soft = SeriesCandidate("1.2.3", "Br38f\\3", 3.0, 100)
+    assert choose_series([bone, soft_thin, soft]) is soft
+    assert choose_series([bone, soft_thin]) is soft_thin
+    with pytest.raises(ValueError):
+        choose_series([])
