@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inference.base import AnalysisResult, Code, InputError, Measurement, SeriesRule, Structure
 from inference.bodycomp import classical
+from inference.bodycomp.config import (
+    DEFAULT_CLASSES,
+    THORACIC_CLASSES,
+    BodyCompModelConfig,
+    LevelParams,
+    load_model_config,
+    parse_model_config,
+)
 from inference.volume import LPS_TO_RAS, ModelSpace, Volume, to_model_space
 
 logger = logging.getLogger(__name__)
@@ -21,6 +31,7 @@ AXIAL_AXCODES = ("S", "P", "L")
 
 CLASSICAL_METHOD = "classical HU thresholds"
 DEEP_LEARNING_METHOD = "deep learning"
+MIXED_METHOD = "deep learning and classical"
 
 TISSUE: Code = ("85756007", "SCT", "Tissue")
 SKELETAL_MUSCLE: Code = ("127954009", "SCT", "Skeletal muscle structure")
@@ -105,23 +116,66 @@ def slices_within(position: float, n_slices: int, slice_mm: float, range_mm: flo
     return list(range(max(0, centre - reach), min(n_slices, centre + reach + 1)))
 
 
+@dataclass(frozen=True)
+class LevelFinding:
+    """Where each level lies on the stack, how that was found, and the output along z to plot.
+
+    ``positions`` are fractional slice indices (``None``: not found); ``curves`` name a curve
+    (a level for a per-level output) and give one value per slice; ``mode`` is
+    ``"classical"``, ``"sigmoid"`` or ``"regression"``.
+    """
+
+    positions: dict[str, float | None]
+    method: str
+    mode: str
+    curves: dict[str, list[float]]
+    anchor: str = ""
+    notes: tuple[str, ...] = ()
+    found: dict[str, float] = field(default_factory=dict)
+
+
+def _weights_version(config: BodyCompModelConfig) -> str:
+    """A version that changes with the weights (result UIDs derive from it)."""
+    digest = hashlib.sha256()
+    paths = [config.slice_selection_weights] + [p.model_weights for p in config.slice_params.values()]
+    for path in paths:
+        if path is not None:
+            digest.update(Path(path).read_bytes())
+    return f"0.1.0+{digest.hexdigest()[:12]}"
+
+
 class BodyCompositionAnalysis:
     """Skeletal muscle, subcutaneous and visceral fat at vertebral levels on an axial CT.
 
     With no weights configured the classical path runs (HU thresholds, body outline,
     abdominal wall, vertebral level from the spine; see :mod:`inference.bodycomp.classical`).
+    With ``slice_selection_weights`` the levels are found by the slice-selection network
+    (:mod:`inference.bodycomp.slice_selection`); a level with ``model_weights`` is segmented
+    by its U-Net (:mod:`inference.bodycomp.segmentation`). Results say which path made them.
 
     Parameters
     ----------
     levels
-        Vertebral levels to measure, e.g. ``["L3"]`` or ``["T10", "L3"]``.
+        Vertebral levels to measure, e.g. ``["L3"]`` or ``["T10", "L3"]``; default: the
+        configured model's levels, or L3.
     min_slices
         Minimum number of slices of a usable series.
     range_mm
         Multi-slice mode: also segment every slice within this distance of the level and
         average; 0 measures the single slice nearest to the level.
     thoracic_levels
-        Levels measured without a visceral class; T1 to T10 when ``None``.
+        Levels measured without a visceral class on the classical path; T1 to T10 when ``None``.
+    model
+        The model configuration as a mapping (the JSON form, or the same keys as a TOML
+        table in the node's plugin options); weight paths should be absolute.
+    model_config
+        Path of a JSON or TOML model configuration file (weights relative to it).
+
+    Raises
+    ------
+    ValueError
+        If a level is unknown, both ``model`` and ``model_config`` are given, or the
+        configuration is invalid (:class:`ModelConfigError`).
     """
 
     name = "body-composition"
@@ -130,27 +184,119 @@ class BodyCompositionAnalysis:
 
     def __init__(
         self,
-        levels: Sequence[str] = ("L3",),
+        levels: Sequence[str] | None = None,
         min_slices: int = 20,
         range_mm: float = 0.0,
         thoracic_levels: Sequence[str] | None = None,
+        model: Mapping[str, Any] | None = None,
+        model_config: str | Path | None = None,
     ) -> None:
-        unknown = [level for level in levels if level not in classical.LEVEL_NAMES]
-        if not levels or unknown:
-            raise ValueError(f"levels must be vertebral levels like 'L3', not {list(levels)}")
+        if model is not None and model_config is not None:
+            raise ValueError("give the model configuration either inline (model) or as a file (model_config)")
+        if model_config is not None:
+            config = load_model_config(Path(model_config))
+        elif model is not None:
+            config = parse_model_config(model, source="options.model")
+        else:
+            config = None
+        chosen = tuple(levels) if levels is not None else (config.levels if config else ("L3",))
+        unknown = [level for level in chosen if level not in classical.LEVEL_NAMES]
+        if not chosen or unknown:
+            raise ValueError(f"levels must be vertebral levels like 'L3', not {list(chosen)}")
         if range_mm < 0 or min_slices < 1:
             raise ValueError("range_mm must be >= 0 and min_slices >= 1")
-        self.levels = tuple(levels)
-        self.range_mm = float(range_mm)
         self.thoracic_levels = (
             frozenset(thoracic_levels) if thoracic_levels is not None else THORACIC_LEVELS
         )
+        if config is None:
+            config = BodyCompModelConfig(slice_params={
+                level: LevelParams(
+                    class_names=THORACIC_CLASSES if level in self.thoracic_levels else DEFAULT_CLASSES
+                ) for level in chosen
+            })
+        missing = [level for level in chosen if level not in config.slice_params]
+        if missing:
+            raise ValueError(f"levels {missing} are not in the model configuration's slice_params")
+        self.config = config
+        self.levels = chosen
+        self.range_mm = float(range_mm)
         self.rule = SeriesRule(modalities=("CT",), min_slices=min_slices, orientation="axial")
         self.device = "cpu"
+        if config.uses_deep_learning:
+            self.model_name = "bodycomp-dl"
+            self.model_version = _weights_version(config)
+        self._selector: Any = None
+        self._segmenters: dict[str, Any] = {}
 
     def load(self, device: str) -> None:
-        """Nothing to load on the classical path; the device is kept for the deep-learning one."""
+        """Load the configured networks onto ``device`` (nothing to load on the classical path)."""
         self.device = device
+        if not self.config.uses_deep_learning:
+            return
+        from inference.bodycomp.segmentation import load_segmenter
+        from inference.bodycomp.slice_selection import load_slice_selector
+
+        if self.config.slice_selection_weights is not None:
+            self._selector = load_slice_selector(Path(self.config.slice_selection_weights), device)
+        self._segmenters = {
+            level: load_segmenter(Path(params.model_weights), device, params.class_names)
+            for level, params in self.config.slice_params.items()
+            if params.model_weights is not None and level in self.levels
+        }
+
+    def _find_levels(self, stack: np.ndarray, spacing_mm: tuple[float, float, float]) -> LevelFinding:
+        if self.config.slice_selection_weights is None:
+            track = classical.find_levels(stack, spacing_mm)
+            return LevelFinding(
+                positions={level: track.position(level) for level in self.levels},
+                method=f"vertebral level from the spine, anchor: {track.anchor}",
+                mode="classical",
+                curves={"vertebral body HU": [round(float(v), 1) for v in track.profile]},
+                anchor=track.anchor,
+                notes=track.notes,
+                found={k: round(v, 2) for k, v in track.levels.items()},
+            )
+        from inference.bodycomp.slice_selection import locate_levels, predict_outputs
+
+        if self._selector is None:
+            self.load(self.device)
+        outputs = predict_outputs(self._selector, stack)
+        positions = locate_levels(outputs, self.config)
+        if self.config.sigmoid_output:
+            curves = {
+                level: [round(float(v), 4) for v in outputs[:, params.slice_selection_model_output_index]]
+                for level, params in self.config.slice_params.items()
+            }
+        else:
+            curves = {"regression": [round(float(v), 4) for v in outputs[:, 0]]}
+        mode = "sigmoid" if self.config.sigmoid_output else "regression"
+        return LevelFinding(
+            positions={level: positions[level] for level in self.levels},
+            method=f"slice-selection network ({mode} output)",
+            mode=mode,
+            curves=curves,
+            found={k: round(v, 2) for k, v in positions.items() if v is not None},
+        )
+
+    def _segment(self, level: str, hu_slices: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        params = self.config.slice_params[level]
+        if params.model_weights is None:
+            thoracic = level in self.thoracic_levels or "visceral_fat" not in params.class_names
+            return np.stack([classical.segment_slice(s, spacing_mm, thoracic=thoracic) for s in hu_slices])
+        from inference.bodycomp.segmentation import segment_slices
+
+        if level not in self._segmenters:
+            self.load(self.device)
+        return segment_slices(self._segmenters[level], hu_slices)
+
+    def _path(self) -> str:
+        segmentation_dl = [self.config.slice_params[level].model_weights is not None for level in self.levels]
+        selection_dl = self.config.slice_selection_weights is not None
+        if selection_dl and all(segmentation_dl):
+            return DEEP_LEARNING_METHOD
+        if not selection_dl and not any(segmentation_dl):
+            return CLASSICAL_METHOD
+        return MIXED_METHOD
 
     def run(self, volume: Volume) -> AnalysisResult:
         """Find the levels, segment the slices there and measure each compartment.
@@ -164,24 +310,27 @@ class BodyCompositionAnalysis:
             raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not CT")
         stack, space = to_model_space(volume, AXIAL_AXCODES)
         dz, sy, sx = space.spacing_mm
-        track = classical.find_levels(stack, space.spacing_mm)
+        finding = self._find_levels(stack, space.spacing_mm)
+        to_lps = space_to_lps(space)
+        from_source = np.linalg.inv(volume.affine)
         labels = np.zeros(stack.shape, dtype=np.uint8)
         per_level: dict[str, Any] = {}
         measurements: list[Measurement] = []
         used_labels: set[int] = set()
         for level in self.levels:
-            position = track.position(level)
+            position = finding.positions.get(level)
             if position is None or not -0.5 <= position <= stack.shape[0] - 0.5:
                 raise InputError(
                     f"series {volume.series_instance_uid}: vertebral level {level} not found "
-                    f"({'; '.join(track.notes) or 'spine not followed'}; levels found: "
-                    f"{', '.join(track.levels) or 'none'})"
+                    f"({'; '.join(finding.notes) or finding.method}; levels found: "
+                    f"{', '.join(finding.found) or 'none'})"
                 )
-            thoracic = level in self.thoracic_levels
+            params = self.config.slice_params[level]
             slices = slices_within(position, stack.shape[0], dz, self.range_mm)
-            for k in slices:
-                labels[k] = classical.segment_slice(stack[k], (sy, sx), thoracic=thoracic)
-            names = ("muscle", "subcutaneous_fat") + (() if thoracic else ("visceral_fat",))
+            labels[slices] = self._segment(level, stack[slices], (sy, sx))
+            names = [name for name in COMPARTMENTS if name in params.class_names]
+            if params.model_weights is None and level in self.thoracic_levels:
+                names = [name for name in names if name != "visceral_fat"]
             stats = {
                 name: measure(stack[slices], labels[slices], (sy, sx), COMPARTMENTS[name])
                 for name in names
@@ -198,35 +347,53 @@ class BodyCompositionAnalysis:
                         f"{level} {structure.name} mean HU", MEAN_ATTENUATION, value.hu_mean,
                         HOUNSFIELD_UNIT, label,
                     ))
-            z_lps = float((space_to_lps(space) @ np.array([position, 0.0, 0.0, 1.0]))[2])
+            z_lps = float((to_lps @ np.array([position, 0.0, 0.0, 1.0]))[2])
+            source_slices = sorted(
+                int(round(float((from_source @ to_lps @ np.array([k, 0.0, 0.0, 1.0]))[0])))
+                for k in slices
+            )
             per_level[level] = {
                 "slice_position": round(float(position), 2),
                 "z_mm": round(z_lps, 1),
                 "slices": len(slices),
-                "thoracic": thoracic,
+                "source_slices": source_slices,
+                "thoracic": "visceral_fat" not in names,
+                "segmentation": DEEP_LEARNING_METHOD if params.model_weights else CLASSICAL_METHOD,
                 "compartments": {name: value.as_dict() for name, value in stats.items()},
             }
         source_labels = space.to_source(labels)
         key = tuple(int(k) for k in np.nonzero(source_labels.any(axis=(1, 2)))[0][:3])
+        path = self._path()
+        segmentation = sorted({v["segmentation"] for v in per_level.values()})
+        z_mm = [round(float((to_lps @ np.array([k, 0.0, 0.0, 1.0]))[2]), 2) for k in range(stack.shape[0])]
         return AnalysisResult(
             analysis=self.name,
             title="Body composition",
             model_name=self.model_name,
             model_version=self.model_version,
-            method=f"{CLASSICAL_METHOD} (vertebral level from the spine, anchor: {track.anchor})",
+            method=f"{path} (levels: {finding.method}; segmentation: {' and '.join(segmentation)})",
             structures=tuple(STRUCTURES[label] for label in sorted(used_labels)),
             measurements=tuple(measurements),
             label_map=source_labels,
             key_slices=key,
             summary={
-                "path": CLASSICAL_METHOD,
+                "path": path,
                 "levels": per_level,
-                "level_anchor": track.anchor,
-                "level_notes": list(track.notes),
-                "levels_found": {k: round(v, 2) for k, v in track.levels.items()},
+                "level_method": finding.method,
+                "level_anchor": finding.anchor,
+                "level_notes": list(finding.notes),
+                "levels_found": finding.found,
                 "range_mm": self.range_mm,
                 "pixel_spacing_mm": [round(sy, 4), round(sx, 4)],
                 "slice_spacing_mm": round(dz, 4),
+                "n_slices": int(stack.shape[0]),
+                "slice_selection": {
+                    "mode": finding.mode,
+                    "z_mm": z_mm,
+                    "curves": finding.curves,
+                    "colours": {lv: self.config.slice_params[lv].regression_plot_colour for lv in self.levels},
+                    "z_pos": {lv: self.config.slice_params[lv].z_pos for lv in self.levels},
+                },
             },
         )
 
