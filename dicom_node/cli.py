@@ -21,6 +21,7 @@ from dicom_node.config import (
     parse_destination,
 )
 from dicom_node.cli_bodycomp import add_parsers as add_bodycomp_parsers
+from dicom_node.cli_convert import add_parsers as add_convert_parsers
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.set_defaults(func=cmd_train_hippocampus)
     add_bodycomp_parsers(sub, train)
+    add_convert_parsers(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -126,6 +127,7 @@ class SeriesNumbers(_Frozen):
     seg: Annotated[int, Field(ge=0, le=2**31 - 1)] = 9901
     sc: Annotated[int, Field(ge=0, le=2**31 - 1)] = 9902
     sr: Annotated[int, Field(ge=0, le=2**31 - 1)] = 9903
+    derived: Annotated[int, Field(ge=0, le=2**31 - 1)] = 9904
 
 
 class AnalysisSettings(_Frozen):
@@ -142,6 +144,69 @@ def _default_analyses() -> dict[str, AnalysisSettings]:
     return {"hippocampus": AnalysisSettings(plugin="hippocampus")}
 
 
+def _default_tasks() -> dict[str, AnalysisSettings]:
+    # module:Class rather than the entry point name, so it works before a re-install
+    return {"gaussian-blur": AnalysisSettings(plugin="inference.blur.task:GaussianBlurTask")}
+
+
+class ApiSettings(_Frozen):
+    """The HTTP API and status page served by the node.
+
+    ``token`` or ``token_file`` (one line) sets a bearer token that every call that changes
+    anything must carry; without either, anyone who reaches the port may submit jobs.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ApiSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """Return the configured token (read from ``token_file`` now), or ``None``.
+
+        Raises
+        ------
+        ConfigError
+            If ``token_file`` cannot be read or is empty.
+        """
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"api.token_file: cannot read {self.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"api.token_file: {self.token_file} is empty")
+        return token
+
+
+class WatchSettings(_Frozen):
+    """A folder whose files are ingested like C-STORE instances (off while ``dir`` is unset).
+
+    Ingested files are moved to ``processed_dir``, or deleted when it is unset; unreadable
+    files go to ``rejected_dir`` (default ``<data_dir>/watch-rejected``) with a
+    ``<name>.reason.txt``. A file is taken once its size and mtime were stable for ``settle_s``
+    and it parses completely; one that still does not parse after ``give_up_s`` unchanged is
+    rejected.
+    """
+
+    dir: Path | None = None
+    processed_dir: Path | None = None
+    rejected_dir: Path | None = None
+    settle_s: Annotated[float, Field(ge=0)] = 2.0
+    scan_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    give_up_s: Annotated[float, Field(gt=0)] = 60.0
+
+
 class NodeConfig(_Frozen):
     """The whole configuration of a node."""
 
@@ -152,22 +217,36 @@ class NodeConfig(_Frozen):
     delivery: DeliverySettings = DeliverySettings()
     destinations: dict[str, Destination] = Field(default_factory=dict)
     analyses: dict[str, AnalysisSettings] = Field(default_factory=_default_analyses)
+    tasks: dict[str, AnalysisSettings] = Field(default_factory=_default_tasks)
+    api: ApiSettings = ApiSettings()
+    watch: WatchSettings = WatchSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:
-        for name, analysis in self.analyses.items():
+        sections = [("analyses", self.analyses), ("tasks", self.tasks)]
+        for section, name, analysis in [(s, n, a) for s, m in sections for n, a in m.items()]:
             for dest in analysis.destinations or ():
                 if dest not in self.destinations:
                     raise ValueError(
-                        f"analyses.{name}.destinations names {dest!r}, which is not in "
+                        f"{section}.{name}.destinations names {dest!r}, which is not in "
                         f"[destinations] ({', '.join(sorted(self.destinations)) or 'none defined'})"
                     )
         return self
 
     def destinations_for(self, analysis: str) -> tuple[str, ...]:
         """Return the names of the destinations that receive ``analysis`` results."""
-        chosen = self.analyses[analysis].destinations
+        chosen = self.runnable()[analysis].destinations
         return tuple(self.destinations) if chosen is None else chosen
+
+    def runnable(self) -> dict[str, AnalysisSettings]:
+        """Return every enabled analysis and task: what workers load and jobs may name.
+
+        ``[analyses]`` run on every complete study whose series match their rule;
+        ``[tasks]`` run only when a job asks for them (``POST /jobs``); a name in both
+        sections is an analysis.
+        """
+        both = {**self.tasks, **self.analyses}
+        return {name: settings for name, settings in both.items() if settings.enabled}
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -1,4 +1,4 @@
-"""The running node: wires receiver, tracker, worker pool and sender around the ledger, and shuts down cleanly."""
+"""The running node: wires every way in, the tracker, worker pool and sender around the ledger; shuts down cleanly."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig
 from dicom_node.dispatcher import Completion, WorkerPool, resolve_devices
-from dicom_node.errors import DeliveryFailed
+from dicom_node.errors import DeliveryFailed, DicomNodeError
 from dicom_node.grouper import StudyTracker
-from dicom_node.ledger import InstanceRecord, Ledger
+from dicom_node.ingest import Ingestor, series_attributes
+from dicom_node.ledger import InstanceRecord, Ledger, PlannedJob
+from dicom_node.metrics import NodeMetrics
 from dicom_node.pipeline import JobSpec
 from dicom_node.plugins import create_analyses
-from dicom_node.receiver import StorageSCP, series_attributes
+from dicom_node.receiver import ReceiveCounters, StorageSCP
+from dicom_node.selection import select_series
 from dicom_node.sender import backoff_s, send_files
 from dicom_node.spool import Spool
+from inference.base import ConfigurableAnalysis
+
+if TYPE_CHECKING:
+    from dicom_node.api import ApiServer
+    from dicom_node.watcher import WatchFolder
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,15 @@ def job_line(job: dict[str, Any], study: dict[str, Any] | None, outcome: str) ->
         f"job {job['uid']} analysis={job['analysis']} study={job['study_uid']}"
         f" series={job['series_uid']} {parts} outcome={outcome}"
     )
+
+
+class InvalidJobRequest(DicomNodeError):
+    """A job request that cannot be accepted; ``field`` names the part of the request at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
 
 
 def recover_spool(spool: Spool, ledger: Ledger, now: float) -> int:
@@ -92,6 +109,9 @@ class Node:
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.ledger = Ledger(data_dir / "ledger.sqlite3")
         self.analyses = create_analyses(config.analyses)
+        # analyses run on every complete study; tasks only when a job names them
+        tasks = {k: v for k, v in config.tasks.items() if k not in config.analyses}
+        self.runnable = {**create_analyses(tasks), **self.analyses}
         self.tracker = StudyTracker(
             self.ledger,
             config.grouping,
@@ -101,6 +121,11 @@ class Node:
         )
         self.scp = StorageSCP(config.node, self.spool, self.ledger, clock=clock,
                               on_stored=lambda _: self._wake.set())
+        self.receive_counters = {"dicom": self.scp.counters, "watch": ReceiveCounters(),
+                                 "api": ReceiveCounters()}
+        self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters)
+        self.api: ApiServer | None = None
+        self.watcher: WatchFolder | None = None
         self.pool: WorkerPool | None = None
         self.address: tuple[str, int] | None = None
         self._wake = threading.Event()
@@ -120,14 +145,31 @@ class Node:
                 stale, recovered, requeued,
             )
         devices = resolve_devices(self.config.workers)
-        self.pool = WorkerPool(self.config.workers, self.config.analyses, devices)
+        self.pool = WorkerPool(self.config.workers, self.config.runnable(), devices)
         if not self.pool.wait_ready(ready_timeout_s):
             raise RuntimeError("workers did not load their models in time")
         logger.info("%d worker(s) ready on %s", len(devices), ", ".join(devices))
         self.address = self.scp.start()
         self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         self._sender.start()
+        if self.config.api.enabled:
+            from dicom_node.api import ApiServer
+
+            self.api = ApiServer(self, self.config.api)
+            host, port = self.api.start()
+            logger.info("HTTP API and status page on http://%s:%d/", host, port)
+        if self.config.watch.dir is not None:
+            from dicom_node.watcher import WatchFolder
+
+            self.watcher = WatchFolder(self.config.watch, self.ingestor("watch"),
+                                       rejected_default=self.config.node.data_dir / "watch-rejected")
+            self.watcher.start()
         return self.address
+
+    def ingestor(self, origin: str) -> Ingestor:
+        """Return an ingestor that stores files like the SCP does, counted under ``origin``."""
+        return Ingestor(self.config.node, self.spool, self.ledger, counters=self.receive_counters[origin],
+                        clock=self.clock, on_stored=lambda _: self._wake.set())
 
     def run(self, poll_s: float = 0.1) -> None:
         """Run the scheduling loop until :meth:`request_stop` is called."""
@@ -135,6 +177,10 @@ class Node:
             self.step()
             self._wake.wait(poll_s)
             self._wake.clear()
+
+    def wake(self) -> None:
+        """Make the scheduling loop look at the ledger now (a job was queued from outside)."""
+        self._wake.set()
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to return (safe from signal handlers)."""
@@ -147,6 +193,8 @@ class Node:
         Jobs still running are re-queued by the next start (the ledger says 'running').
         """
         self._stopping.set()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.scp.stop()
         if self.pool is not None:
             deadline = time.monotonic() + drain_s
@@ -158,6 +206,8 @@ class Node:
         self.ledger.requeue_interrupted()
         if self._sender is not None:
             self._sender.join(timeout=drain_s)
+        if self.api is not None:
+            self.api.stop()
         logger.info("node stopped")
 
     # -- scheduling ------------------------------------------------------------------
@@ -170,7 +220,7 @@ class Node:
             return
         self._finish(pool.collect())
         while pool.idle_count():
-            job = self.ledger.claim_next_job(self.clock(), tuple(self.analyses))
+            job = self.ledger.claim_next_job(self.clock(), tuple(self.runnable))
             if job is None:
                 break
             if job["attempts"] > MAX_JOB_ATTEMPTS:
@@ -196,13 +246,15 @@ class Node:
             analysis=job["analysis"],
             paths=tuple(str(p) for p in paths),
             result_dir=str(result_dir),
-            series_numbers=self.config.analyses[job["analysis"]].series_numbers,
+            series_numbers=self.config.runnable()[job["analysis"]].series_numbers,
             node_name=self.config.node.ae_title,
+            options=job["options"],
         )
 
     def _record_failure(self, job: dict[str, Any], reason: str) -> None:
-        self.ledger.finish_job(job["id"], self.clock(), state="failed", reason=reason)
-        logger.warning("%s reason=%r", self._line(job["uid"], "failed"), reason)
+        state = self.ledger.finish_job(job["id"], self.clock(), state="failed", reason=reason)
+        self._observe(job["uid"])
+        logger.warning("%s reason=%r", self._line(job["uid"], state), reason)
 
     def _finish(self, completions: list[Completion]) -> None:
         for done in completions:
@@ -212,10 +264,11 @@ class Node:
             now = self.clock()
             if done.outcome is None:
                 state = "failed"
-                self.ledger.finish_job(
+                state = self.ledger.finish_job(
                     job["id"], now, state=state, reason=f"{done.error_kind}: {done.error}",
                     timings={"run": round(done.elapsed_s, 4)},
                 )
+                self._observe(job["uid"])
                 logger.warning("%s reason=%r", self._line(job["uid"], state), done.error)
                 continue
             outcome = done.outcome
@@ -225,6 +278,7 @@ class Node:
                 job["id"], now, state="done", timings=outcome.timings,
                 result_dir=done.spec.result_dir, summary=outcome.summary, deliveries=deliveries,
             )
+            self._observe(job["uid"])
             if state != "done" or not deliveries:
                 logger.info(self._line(job["uid"], state if state != "done" else "done (no destination)"))
             self._wake.set()
@@ -234,6 +288,72 @@ class Node:
         if job is None:
             return f"job {job_uid} outcome={outcome}"
         return job_line(job, self.ledger.study(job["study_uid"]), outcome)
+
+    def _observe(self, job_uid: str) -> None:
+        job = self.ledger.job(job_uid)
+        if job is not None:
+            self.metrics.observe_job(job, self.ledger.study(job["study_uid"]), job["state"])
+
+    # -- requested jobs (HTTP API) ---------------------------------------------------
+
+    def submit_job(
+        self, task: str, *, input_dir: Path | None = None, study_uid: str | None = None,
+        series_uid: str | None = None, options: dict[str, Any] | None = None,
+    ) -> str:
+        """Create a job for one task, like a completed study's jobs; return its uid.
+
+        With ``input_dir`` its files are first ingested exactly like C-STORE instances and
+        their study is marked complete (the request says what runs on it); with ``study_uid``
+        the study must already be in the ledger. The task's rule selects the series (the
+        first it accepts, or ``series_uid``); none gives a ``not_applicable`` job with reasons.
+
+        Raises
+        ------
+        InvalidJobRequest
+            Naming the field: unknown task, bad options, no usable input.
+        """
+        analysis = self.runnable.get(task)
+        if analysis is None:
+            raise InvalidJobRequest("task", f"unknown task {task!r} (known: {', '.join(sorted(self.runnable))})")
+        chosen: dict[str, Any] = {}
+        if options:
+            if not isinstance(analysis, ConfigurableAnalysis):
+                raise InvalidJobRequest("options", f"{task} takes no options")
+            try:
+                chosen = analysis.validate_options(dict(options))
+            except ValueError as exc:
+                name, _, reason = str(exc).partition(": ")
+                raise InvalidJobRequest(f"options.{name}", reason or str(exc)) from None
+        if input_dir is not None:
+            study_uid = self._ingest_request_dir(input_dir)
+        if study_uid is None or self.ledger.study(study_uid) is None:
+            raise InvalidJobRequest("input.study_instance_uid", f"study {study_uid} was not received by this node")
+        series = self.ledger.series_of_study(study_uid)
+        if series_uid is not None:
+            series = [s for s in series if s.series_uid == series_uid]
+            if not series:
+                raise InvalidJobRequest("input.series_instance_uid", f"{series_uid} is not a series of the study")
+        selection = select_series(series, analysis.rule, self.config.selection.default_min_slices)
+        planned = (PlannedJob(task, selection.selected[0].series_uid) if selection.selected else
+                   PlannedJob(task, None, "not_applicable", f"no series matches: {selection.explain()}"))
+        uid = self.ledger.create_job(study_uid, planned, self.clock(), origin="api", options=chosen,
+                                     complete=input_dir is not None)
+        logger.info("job %s requested: task=%s study=%s series=%s state=%s", uid, task, study_uid,
+                    planned.series_uid, planned.state)
+        self._wake.set()
+        return uid
+
+    def _ingest_request_dir(self, input_dir: Path) -> str:
+        if not input_dir.is_absolute() or not input_dir.is_dir():
+            raise InvalidJobRequest("input.dir", f"{input_dir} is not an absolute path to a folder on the node")
+        report = self.ingestor("api").ingest_tree(input_dir, origin="api")
+        if not report.stored:
+            reasons = "; ".join(f"{p.name}: {r}" for p, r in report.rejected[:3]) or "the folder is empty"
+            raise InvalidJobRequest("input.dir", f"no DICOM instance could be stored ({reasons})")
+        studies = report.study_uids
+        if len(studies) > 1:
+            raise InvalidJobRequest("input.dir", f"the folder holds {len(studies)} studies; send one study per job")
+        return studies[0]
 
     # -- delivery --------------------------------------------------------------------
 
@@ -282,6 +402,7 @@ class Node:
                 continue
             self.ledger.delivery_succeeded(delivery["id"], self.clock())
             self.ledger.add_timing(delivery["job_uid"], "send", time.perf_counter() - start)
+            self.metrics.observe_send(time.perf_counter() - start)
             logger.info(self._line(delivery["job_uid"], f"sent to {delivery['destination']}"))
             sent += 1
         return sent

@@ -12,81 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from dicom_node.ledger_schema import SCHEMA, SCHEMA_VERSION, migrate
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
-    generation INTEGER NOT NULL DEFAULT 1,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    completed_at REAL
-);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT NOT NULL DEFAULT '',
-    description TEXT NOT NULL DEFAULT '',
-    sop_class_uid TEXT NOT NULL DEFAULT '',
-    manufacturer TEXT NOT NULL DEFAULT '',
-    rows INTEGER,
-    columns INTEGER,
-    orientation TEXT,
-    pixel_spacing TEXT,
-    slice_thickness REAL,
-    number_of_frames INTEGER
-);
-CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    calling_ae_title TEXT NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    uid TEXT NOT NULL UNIQUE,
-    study_uid TEXT NOT NULL,
-    analysis TEXT NOT NULL,
-    series_uid TEXT,
-    generation INTEGER NOT NULL,
-    origin TEXT NOT NULL DEFAULT 'dicom',
-    state TEXT NOT NULL CHECK (state IN
-        ('queued', 'running', 'done', 'failed', 'not_applicable', 'superseded', 'cancelled')),
-    reason TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    timings TEXT NOT NULL DEFAULT '{}',
-    result_dir TEXT,
-    summary TEXT NOT NULL DEFAULT '{}',
-    UNIQUE (study_uid, analysis, series_uid, generation)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    destination TEXT NOT NULL,
-    files TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead', 'superseded')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    sent_at REAL,
-    UNIQUE (job_id, destination)
-);
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_at);
-"""
+__all__ = ["SCHEMA_VERSION", "InstanceRecord", "Ledger", "PlannedJob", "SeriesInfo"]
+
+#: Origins of jobs: how their input reached the node. API jobs may repeat a (study, analysis,
+#: series, generation) with other options; jobs planned on completion may not.
+ORIGINS = ("dicom", "watch", "api")
 
 
 @dataclass(frozen=True)
@@ -121,6 +53,7 @@ class InstanceRecord:
     size_bytes: int
     calling_ae_title: str
     received_at: float
+    origin: str = "dicom"
 
 
 @dataclass(frozen=True)
@@ -151,10 +84,14 @@ class Ledger:
         self._synchronous = synchronous
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection().executescript(_SCHEMA)
-        with self.transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+        db = self._connection()
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
+            migrate(db)
+        db.executescript(SCHEMA)
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
 
@@ -226,8 +163,8 @@ class Ledger:
             if study is None:
                 db.execute(
                     "INSERT INTO studies (study_uid, state, generation, first_received_at,"
-                    " last_received_at) VALUES (?, 'receiving', 1, ?, ?)",
-                    (record.study_uid, now, now),
+                    " last_received_at, origin) VALUES (?, 'receiving', 1, ?, ?, ?)",
+                    (record.study_uid, now, now, record.origin),
                 )
             elif study["state"] == "complete":
                 db.execute(
@@ -286,7 +223,7 @@ class Ledger:
         created = []
         with self.transaction() as db:
             study = db.execute(
-                "SELECT generation, state FROM studies WHERE study_uid = ?", (study_uid,)
+                "SELECT generation, state, origin FROM studies WHERE study_uid = ?", (study_uid,)
             ).fetchone()
             if study is None or study["state"] != "receiving":
                 return []
@@ -310,14 +247,55 @@ class Ledger:
                 uid = str(uuid.uuid4())
                 db.execute(
                     "INSERT OR IGNORE INTO jobs (uid, study_uid, analysis, series_uid, generation,"
-                    " state, reason, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " state, reason, created_at, finished_at, origin)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         uid, study_uid, job.analysis, job.series_uid, generation, job.state,
                         job.reason, now, None if job.state == "queued" else now,
+                        "watch" if study["origin"] == "watch" else "dicom",
                     ),
                 )
                 created.append(uid)
         return created
+
+    def create_job(
+        self, study_uid: str, job: PlannedJob, now: float, *, origin: str,
+        options: dict[str, Any] | None = None, complete: bool = False,
+    ) -> str:
+        """Create one requested job on the study's current generation; return its uid.
+
+        With ``complete`` a study still receiving is marked complete without its configured
+        analyses: the request names what runs (an HTTP job on a folder it just ingested).
+
+        Raises
+        ------
+        KeyError
+            If the study is not in the ledger.
+        """
+        if origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {ORIGINS}")
+        uid = str(uuid.uuid4())
+        with self.transaction() as db:
+            study = db.execute(
+                "SELECT generation, state FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            if study is None:
+                raise KeyError(study_uid)
+            if complete and study["state"] == "receiving":
+                db.execute(
+                    "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_uid = ?",
+                    (now, study_uid),
+                )
+            db.execute(
+                "INSERT INTO jobs (uid, study_uid, analysis, series_uid, generation, state, reason,"
+                " created_at, finished_at, origin, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uid, study_uid, job.analysis, job.series_uid, study["generation"], job.state,
+                    job.reason, now, None if job.state == "queued" else now, origin,
+                    json.dumps(options or {}, sort_keys=True),
+                ),
+            )
+        return uid
 
     def study_rows(self, limit: int = 100) -> list[dict[str, Any]]:
         """Return the most recent studies with their instance counts, for status views."""
@@ -364,6 +342,7 @@ class Ledger:
             )
             job = dict(row)
             job["attempts"] += 1
+            job["options"] = json.loads(job["options"])
             return job
 
     def finish_job(
@@ -385,11 +364,14 @@ class Ledger:
         """
         with self.transaction() as db:
             row = db.execute(
-                "SELECT j.generation, st.generation AS current FROM jobs j"
+                "SELECT j.generation, j.cancel_requested, st.generation AS current FROM jobs j"
                 " JOIN studies st ON st.study_uid = j.study_uid WHERE j.id = ?",
                 (job_id,),
             ).fetchone()
-            if row is not None and row["generation"] < row["current"] and state == "done":
+            if row is not None and row["cancel_requested"]:
+                state, deliveries = "cancelled", ()
+                reason = "cancelled while it ran; its results were discarded"
+            elif row is not None and row["generation"] < row["current"] and state == "done":
                 state = "superseded"
                 reason = "new instances arrived while it ran; a newer analysis replaces it"
                 deliveries = ()
@@ -426,16 +408,38 @@ class Ledger:
         with self.transaction() as db:
             return db.execute(
                 "UPDATE jobs SET state = 'queued', reason = NULL, started_at = NULL,"
-                " finished_at = NULL, attempts = 0 WHERE uid = ? AND state IN"
+                " finished_at = NULL, attempts = 0, cancel_requested = 0 WHERE uid = ? AND state IN"
                 " ('failed', 'cancelled', 'done', 'not_applicable')",
                 (job_uid,),
             ).rowcount > 0
 
-    def job_rows(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Return recent jobs (optionally of one state), newest first, with deliveries."""
-        if state is None:
-            return self._jobs_where("1", (), limit=limit)
-        return self._jobs_where("state = ?", (state,), limit=limit)
+    def cancel_job(self, job_uid: str, now: float) -> str | None:
+        """Cancel a job: a queued one at once, a running one when it ends (results discarded).
+
+        Returns the job's state afterwards (``cancelled``, ``running`` or a final state it
+        already had), or ``None`` when there is no such job.
+        """
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, reason = 'cancelled'"
+                " WHERE uid = ? AND state = 'queued'",
+                (now, job_uid),
+            )
+            db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE uid = ? AND state = 'running'", (job_uid,)
+            )
+            row = db.execute("SELECT state FROM jobs WHERE uid = ?", (job_uid,)).fetchone()
+        return None if row is None else str(row["state"])
+
+    def job_rows(
+        self, *, state: str | None = None, limit: int = 100, analysis: str | None = None,
+        study_uid: str | None = None, origin: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Return recent jobs, newest first, with deliveries; optionally filtered by column."""
+        filters = {"state": state, "analysis": analysis, "study_uid": study_uid, "origin": origin}
+        chosen = {k: v for k, v in filters.items() if v is not None}
+        where = " AND ".join(f"{k} = ?" for k in chosen) or "1"
+        return self._jobs_where(where, tuple(chosen.values()), limit=limit)
 
     def _jobs_where(self, where: str, params: tuple[Any, ...], *, limit: int) -> list[dict[str, Any]]:
         db = self._connection()
@@ -447,6 +451,7 @@ class Ledger:
             job = dict(row)
             job["timings"] = json.loads(job["timings"])
             job["summary"] = json.loads(job["summary"])
+            job["options"] = json.loads(job["options"])
             job["deliveries"] = [
                 dict(d) for d in db.execute(
                     "SELECT destination, state, attempts, last_error, sent_at, next_attempt_at"
@@ -514,14 +519,15 @@ class Ledger:
             return db.execute(query, params).rowcount
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Return counts of jobs and deliveries by state, and of instances."""
+        """Return counts of jobs, deliveries and studies by state, and of instances."""
         db = self._connection()
-        jobs = {r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
-        deliveries = {
-            r[0]: r[1] for r in db.execute("SELECT state, count(*) FROM deliveries GROUP BY state")
-        }
+
+        def by_state(table: str) -> dict[str, int]:
+            return {r[0]: r[1] for r in db.execute(f"SELECT state, count(*) FROM {table} GROUP BY state")}
+
         instances = db.execute("SELECT count(*) FROM instances").fetchone()[0]
-        return {"jobs": jobs, "deliveries": deliveries, "instances": {"received": instances}}
+        return {"jobs": by_state("jobs"), "deliveries": by_state("deliveries"),
+                "studies": by_state("studies"), "instances": {"received": instances}}
 
 
 def _series_info(row: sqlite3.Row) -> SeriesInfo:

@@ -20,9 +20,10 @@ from dicom_node import __version__
 from dicom_node.config import SeriesNumbers
 from dicom_node.errors import InferenceFailed, StudyNotProcessable
 from dicom_node.spool import write_atomic
-from dicom_node.uids import result_uids
-from inference.base import Analysis, AnalysisResult, InputError
+from dicom_node.uids import result_uid, result_uids
+from inference.base import Analysis, AnalysisResult, ConfigurableAnalysis, InputError
 from inference.volume import Volume, load_series
+from reports.derived import build_derived_series
 from reports.identity import Identity
 from reports.sc import build_report_image
 from reports.seg import build_segmentation
@@ -43,6 +44,7 @@ class JobSpec:
     result_dir: str
     series_numbers: SeriesNumbers
     node_name: str = "DICOMNODE"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +107,40 @@ def order_like_volume(datasets: Sequence[Dataset], volume: Volume) -> list[Datas
     return [by_uid[uid] for uid in volume.sop_instance_uids]
 
 
+def job_uids(spec: JobSpec, result: AnalysisResult, n_images: int) -> dict[str, str]:
+    """Return every UID a job's results get, derived from what identifies the job.
+
+    (study, series, analysis, model version) as :func:`dicom_node.uids.result_uids`; options
+    that change the result (a blur's sigma) join the version, so a retry files the same
+    UIDs while a job with other options files a series of its own.
+    """
+    version = result.model_version
+    if spec.options:
+        version += "|" + json.dumps(spec.options, sort_keys=True, separators=(",", ":"))
+    uids = result_uids(spec.study_uid, spec.series_uid, spec.analysis, version)
+    if result.derived_image is not None:
+        base = (spec.study_uid, spec.series_uid, spec.analysis, version)
+        uids["derived_series"] = result_uid(*base, "derived-series")
+        for index in range(n_images):
+            uids[f"derived_instance_{index}"] = result_uid(*base, "derived-instance", str(index))
+    return uids
+
+
+def run_analysis(analysis: Analysis, volume: Volume, options: dict[str, Any]) -> AnalysisResult:
+    """Run an analysis, with the job's options when it has any.
+
+    Raises
+    ------
+    InputError
+        If options are given to an analysis that takes none, or the input is unsuitable.
+    """
+    if not options:
+        return analysis.run(volume)
+    if not isinstance(analysis, ConfigurableAnalysis):
+        raise InputError(f"{analysis.name} takes no options")
+    return analysis.run_with_options(volume, options)
+
+
 def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) -> dict[str, Any]:
     """Return the JSON result of a job: what was measured, on what, by which model."""
     names = {s.label: s.name for s in result.structures}
@@ -126,7 +162,13 @@ def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) 
             for m in result.measurements
         ],
         "findings": [asdict(f) for f in result.findings],
-        "result_uids": uids,
+        "result_uids": {k: v for k, v in uids.items() if not k.startswith("derived_instance_")},
+        **({"options": spec.options} if spec.options else {}),
+        **({"derived_series": {
+            "series_instance_uid": uids["derived_series"],
+            "sop_instance_uids": [uids[f"derived_instance_{k}"] for k in range(len(result.derived_image))],
+            "description": result.derived_description,
+        }} if result.derived_image is not None else {}),
         **({"details": result.summary} if result.summary else {}),
     }
 
@@ -157,14 +199,14 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
         sources = order_like_volume(datasets, volume)
     with _timed(outcome.timings, "infer"):
         try:
-            result = analysis.run(volume)
+            result = run_analysis(analysis, volume, spec.options)
         except InputError as exc:
             raise StudyNotProcessable(str(exc)) from exc
         except Exception as exc:  # a model bug must fail the job, not the worker
             logger.exception("analysis %s failed on series %s", spec.analysis, spec.series_uid)
             raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
     with _timed(outcome.timings, "report"):
-        uids = result_uids(spec.study_uid, spec.series_uid, spec.analysis, result.model_version)
+        uids = job_uids(spec, result, len(sources))
         try:
             objects = build_results(result, sources, spec, uids, identity_for(result, spec.node_name))
         except ValueError as exc:  # highdicom refuses sources that break their IOD
@@ -186,9 +228,29 @@ def build_results(
     uids: dict[str, str],
     identity: Identity,
 ) -> dict[str, Dataset]:
-    """Build the SEG (when there is a label map), the SC report and the SR of a result."""
+    """Build the objects of a result.
+
+    A derived image becomes a derived series (``derived-0001`` ...); a label map a SEG;
+    measurements, findings or structures an SC report and an SR. A result with only a
+    derived image (a processing task) files only the derived series.
+    """
     numbers = spec.series_numbers
     objects: dict[str, Dataset] = {}
+    if result.derived_image is not None:
+        images = build_derived_series(
+            sources,
+            np.asarray(result.derived_image, dtype=np.float64),
+            series_instance_uid=uids["derived_series"],
+            sop_instance_uids=[uids[f"derived_instance_{k}"] for k in range(len(sources))],
+            series_number=numbers.derived,
+            series_description=result.derived_description,
+            derivation_description=f"{result.derived_description} ({result.method}); "
+                                   f"{result.model_name} {result.model_version}",
+            identity=identity,
+        )
+        objects.update({f"derived-{k + 1:04d}": ds for k, ds in enumerate(images)})
+        if not (result.structures or result.measurements or result.findings):
+            return objects
     label_map = result.label_map
     seg: Dataset | None = None
     if label_map is not None and result.structures:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import socket
 import threading
@@ -26,8 +24,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RejectedInstance
+from dicom_node.ingest import identify, persist, raw_uid, series_attributes
 from dicom_node.ledger import InstanceRecord, Ledger
-from dicom_node.spool import Spool, is_valid_uid
+from dicom_node.spool import Spool
+
+__all__ = ["ReceiveCounters", "StorageSCP", "raw_uid", "series_attributes"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +78,6 @@ class ReceiveCounters:
             self.rejected[reason] += 1
 
 
-def raw_uid(ds: Dataset, keyword: str) -> str:
-    """Return a UID element's text as sent, without pydicom's value conversion.
-
-    The node checks UIDs itself (:func:`dicom_node.spool.is_valid_uid`), with its own status
-    and reason; converting first would only warn about the same problem.
-    """
-    element = ds.get_item(keyword)
-    if element is None:
-        return ""
-    value = element.value
-    if isinstance(value, bytes):
-        return value.decode("ascii", errors="replace").rstrip("\x00 ")
-    return str(value or "")
-
-
 #: (7FE0,0010) and the float/double pixel data after it: the header ends there.
 _PIXEL_DATA_GROUP = 0x7FE0
 
@@ -138,38 +124,6 @@ def _failure(code: int, comment: str) -> Dataset:
     rsp.Status = code
     rsp.ErrorComment = comment[:64]
     return rsp
-
-
-def series_attributes(ds: Dataset) -> dict[str, Any]:
-    """Return the series-level attributes selection rules look at, as ledger columns."""
-
-    def number(keyword: str) -> Any:
-        value = ds.get(keyword)
-        try:
-            return None if value in (None, "") else float(value)
-        except (TypeError, ValueError):
-            return None
-
-    def numbers(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        try:
-            return json.dumps([float(v) for v in value]) if value else None
-        except (TypeError, ValueError):
-            return None
-
-    frames = number("NumberOfFrames")
-    return {
-        "modality": str(ds.get("Modality", "")),
-        "description": str(ds.get("SeriesDescription", "")),
-        "sop_class_uid": str(ds.get("SOPClassUID", "")),
-        "manufacturer": str(ds.get("Manufacturer", "")),
-        "rows": ds.get("Rows"),
-        "columns": ds.get("Columns"),
-        "orientation": numbers("ImageOrientationPatient"),
-        "pixel_spacing": numbers("PixelSpacing"),
-        "slice_thickness": number("SliceThickness"),
-        "number_of_frames": int(frames) if frames is not None else None,
-    }
 
 
 class StorageSCP:
@@ -293,58 +247,23 @@ class StorageSCP:
     def _store(self, event: Event, calling: str) -> tuple[InstanceRecord, dict[str, Any]]:
         try:
             ds = read_header(event)
-            study_uid = raw_uid(ds, "StudyInstanceUID")
-            series_uid = raw_uid(ds, "SeriesInstanceUID")
-            sop_uid = raw_uid(ds, "SOPInstanceUID")
-            sop_class = raw_uid(ds, "SOPClassUID")
-            series = series_attributes(ds)
         except Exception as exc:  # pydicom raises many types for corrupt data
             raise RejectedInstance(
                 status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"
             ) from exc
-        for keyword, uid in (
-            ("StudyInstanceUID", study_uid),
-            ("SeriesInstanceUID", series_uid),
-            ("SOPInstanceUID", sop_uid),
-        ):
-            if not is_valid_uid(uid):
-                problem = "missing" if not uid else f"invalid ({uid[:24]!r})"
-                raise RejectedInstance(status.INVALID_IDENTIFIERS, f"{keyword} is {problem}")
+        ids = identify(ds)
         request = cast(C_STORE, event.request)
-        if sop_uid != request.AffectedSOPInstanceUID or sop_class != request.AffectedSOPClassUID:
+        if (ids.sop_instance_uid != request.AffectedSOPInstanceUID
+                or ids.sop_class_uid != request.AffectedSOPClassUID):
             raise RejectedInstance(
                 status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Class/Instance UID in the data set differ from the C-STORE request",
             )
-        if self.spool.free_bytes() < self.settings.min_free_disk_bytes:
-            raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full")
-        header = file_preamble_and_meta(event)
-        path = self.spool.path_for(study_uid, series_uid, sop_uid)
-        try:
-            with received_stream(event).getbuffer() as data:  # no copy of the pixel data
-                size_bytes = len(header) + len(data)
-                self.spool.write(path, header, data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full") from exc
-            raise RejectedInstance(
-                status.PROCESSING_FAILURE, f"cannot write instance: {exc.strerror}"
-            ) from exc
-        record = InstanceRecord(
-            sop_instance_uid=sop_uid,
-            series_uid=series_uid,
-            study_uid=study_uid,
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            path=str(path),
-            size_bytes=size_bytes,
-            calling_ae_title=calling,
-            received_at=self.clock(),
-        )
-        try:
-            self.ledger.record_instance(record, series)
-        except Exception as exc:  # sqlite3 errors: disk full, locked beyond timeout
-            raise RejectedInstance(
-                status.OUT_OF_RESOURCES, f"cannot record instance in the ledger: {exc}"
-            ) from exc
-        return record, series
+        with received_stream(event).getbuffer() as data:  # no copy of the pixel data
+            record = persist(
+                ids, (file_preamble_and_meta(event), data),
+                transfer_syntax_uid=str(event.context.transfer_syntax), spool=self.spool,
+                ledger=self.ledger, min_free_disk_bytes=self.settings.min_free_disk_bytes,
+                calling_ae_title=calling, received_at=self.clock(),
+            )
+        return record, ids.series

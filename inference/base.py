@@ -100,6 +100,10 @@ class AnalysisResult:
     ``label_map`` (uint8) is in the source series' array order, shape
     ``(n_slices, rows, columns)``, slices in the order of :attr:`Volume.sop_instance_uids`,
     so that frame ``k`` of a segmentation refers to source image ``k``.
+
+    A processing task returns an image instead: ``derived_image`` (float, in the modality's
+    units, same shape and order as ``label_map`` would have) becomes a derived series over
+    the source geometry, described by ``derived_description`` ("Gaussian blur, sigma 2 mm").
     """
 
     analysis: str
@@ -113,6 +117,14 @@ class AnalysisResult:
     label_map: np.ndarray | None = None
     key_slices: tuple[int, ...] = ()
     summary: dict[str, Any] = field(default_factory=dict)
+    derived_image: np.ndarray | None = None
+    derived_description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.derived_image is not None and self.derived_image.ndim != 3:
+            raise ValueError(f"derived_image must be 3D, not {self.derived_image.ndim}D")
+        if self.derived_image is not None and not self.derived_description:
+            raise ValueError("a derived image needs a description of what was done")
 
 
 @runtime_checkable
@@ -131,3 +143,17 @@ class Analysis(Protocol):
     def load(self, device: str) -> None: ...
 
     def run(self, volume: Volume) -> AnalysisResult: ...
+
+
+@runtime_checkable
+class ConfigurableAnalysis(Analysis, Protocol):
+    """An analysis that takes per-job options (``POST /jobs`` ``options``), e.g. a blur's sigma.
+
+    ``validate_options`` runs in the node before a job is accepted and returns the options
+    completed with defaults; it raises ``ValueError`` whose message starts with the option's
+    name (``"sigma_mm: must be positive"``). ``run_with_options`` then runs with them.
+    """
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]: ...
+
+    def run_with_options(self, volume: Volume, options: dict[str, Any]) -> AnalysisResult: ...

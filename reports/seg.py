@@ -174,10 +174,23 @@ def build_segmentation(
             "segmentation %s: empty segments %s, keeping all frames", sop_instance_uid, empty
         )
     headers = source_headers(source_images)
+    rows, columns = label_map.shape[1:]
+    if (rows * columns) % 8:
+        # A BINARY SEG packs 1-bit frames back to back, so a frame whose pixel count is not a
+        # multiple of 8 starts mid-byte (PS3.5 8.1.1, allowed); OHIF 3.13 decodes such frames
+        # shifted. An 8-bit FRACTIONAL SEG with values 0/1 means the same and displays right.
+        pixel_array: np.ndarray = np.stack(
+            [label_map == s.label for s in structures], axis=-1
+        ).astype(np.float32)
+        segmentation_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        pixel_array = segments
+        segmentation_type = hd.seg.SegmentationTypeValues.BINARY
     segmentation = hd.seg.Segmentation(
         source_images=headers,
-        pixel_array=segments,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=pixel_array,
+        segmentation_type=segmentation_type,
+        max_fractional_value=1,  # used by FRACTIONAL only: values are exactly 0 or 1
         segment_descriptions=build_segment_descriptions(structures, identity),
         series_instance_uid=series_instance_uid,
         series_number=series_number,

@@ -31,3 +31,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
     touch "$stamp"
 fi
+
+if [ "${1:-}" = "--test" ]; then
+    # OHIF viewer bundle for tests/integration/test_ohif.py and deploy/local/stack.py (gitignored).
+    scripts/fetch-ohif.sh
+    # Browser driver: playwright-core only, driving the Debian chromium; never a downloaded browser.
+    if [ ! -d tests/integration/browser/node_modules/playwright-core ] \
+        || [ tests/integration/browser/package-lock.json -nt tests/integration/browser/node_modules ]; then
+        (cd tests/integration/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+    fi
+fi

@@ -48,7 +48,7 @@ def test_jobs_run_and_a_hung_job_is_stopped(tmp_path: Path) -> None:
         "slow": AnalysisSettings(plugin="tests.integration.slow_plugin:SlowHippocampus",
                                  options={"delay_s": 60.0}),
     }
-    pool = WorkerPool(WorkerSettings(device="cpu", cpu_workers=1, job_timeout_s=3.0), analyses, ["cpu"])
+    pool = WorkerPool(WorkerSettings(device="cpu", cpu_workers=1, job_timeout_s=10.0), analyses, ["cpu"])
     try:
         assert pool.wait_ready(120)
         assert pool.submit(crop_job(tmp_path, "hippocampus"))
@@ -60,9 +60,9 @@ def test_jobs_run_and_a_hung_job_is_stopped(tmp_path: Path) -> None:
 
         assert pool.submit(crop_job(tmp_path, "slow"))
         started = time.monotonic()
-        (hung,) = wait_for(pool, 30)
-        assert hung.error == "timed out after 3 s; the worker was stopped"
-        assert 3.0 <= time.monotonic() - started < 10.0
+        (hung,) = wait_for(pool, 40)
+        assert hung.error == "timed out after 10 s; the worker was stopped"
+        assert 10.0 <= time.monotonic() - started < 20.0
         assert pool.wait_ready(120)  # a fresh worker took its place
         assert pool.submit(crop_job(tmp_path / "again", "hippocampus"))
         (after,) = wait_for(pool, 60)

@@ -1,0 +1,116 @@
+"""The ledger's SQLite schema and the migrations that bring an older ledger file up to date."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
+    generation INTEGER NOT NULL DEFAULT 1,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    completed_at REAL,
+    origin TEXT NOT NULL DEFAULT 'dicom'
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    manufacturer TEXT NOT NULL DEFAULT '',
+    rows INTEGER,
+    columns INTEGER,
+    orientation TEXT,
+    pixel_spacing TEXT,
+    slice_thickness REAL,
+    number_of_frames INTEGER
+);
+CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
+    study_uid TEXT NOT NULL,
+    analysis TEXT NOT NULL,
+    series_uid TEXT,
+    generation INTEGER NOT NULL,
+    origin TEXT NOT NULL DEFAULT 'dicom',
+    state TEXT NOT NULL CHECK (state IN
+        ('queued', 'running', 'done', 'failed', 'not_applicable', 'superseded', 'cancelled')),
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    timings TEXT NOT NULL DEFAULT '{}',
+    result_dir TEXT,
+    summary TEXT NOT NULL DEFAULT '{}',
+    options TEXT NOT NULL DEFAULT '{}',
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_planned ON jobs (study_uid, analysis, series_uid, generation)
+    WHERE origin <> 'api';
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    files TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead', 'superseded')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    sent_at REAL,
+    UNIQUE (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_at);
+"""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a ledger of an earlier schema up to date, keeping every row.
+
+    Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
+    constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
+    """
+    studies = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
+    if "origin" not in studies:
+        db.execute("ALTER TABLE studies ADD COLUMN origin TEXT NOT NULL DEFAULT 'dicom'")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    if "options" in columns:
+        return
+    create = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS jobs"):]
+    create = create[: create.index(");") + 2].replace("IF NOT EXISTS jobs", "jobs_v2")
+    kept = ", ".join(columns)
+    db.execute("PRAGMA foreign_keys=OFF")  # deliveries keep their job ids across the rebuild
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(create)
+        db.execute(f"INSERT INTO jobs_v2 ({kept}) SELECT {kept} FROM jobs")
+        db.execute("DROP TABLE jobs")
+        db.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    db.execute("PRAGMA foreign_keys=ON")
