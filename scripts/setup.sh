@@ -9,6 +9,8 @@ missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
+# npm fetches the prebuilt OHIF viewer and the browser-test driver; any Node.js >= 18 will do.
+command -v npm >/dev/null || missing+=(nodejs npm)
 if ((${#missing[@]})); then
     echo "Installing Debian packages: ${missing[*]}"
     SUDO=""
@@ -32,9 +34,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# OHIF viewer bundle for the demo, deploy/local/stack.py and tests/integration/test_ohif.py (gitignored).
+scripts/fetch-ohif.sh
+
 if [ "${1:-}" = "--test" ]; then
-    # OHIF viewer bundle for tests/integration/test_ohif.py and deploy/local/stack.py (gitignored).
-    scripts/fetch-ohif.sh
     # Browser driver: playwright-core only, driving the Debian chromium; never a downloaded browser.
     if [ ! -d tests/integration/browser/node_modules/playwright-core ] \
         || [ tests/integration/browser/package-lock.json -nt tests/integration/browser/node_modules ]; then

@@ -19,6 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `deploy` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from deploy.local.node_process import NodeProcess  # noqa: E402
+from deploy.local.ohif_proxy import DEFAULT_WEB_ROOT, OhifProxyServer  # noqa: E402
 from deploy.local.orthanc_process import (  # noqa: E402
     OrthancProcess,
     free_port,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config={"grouping": {"quiet_period_s": 1.0},
                 "node": {"allowed_calling_ae_titles": [orthanc.aet]}},
     )
+    viewer: OhifProxyServer | None = None
     stopping = False
 
     def stop(*_: Any) -> None:
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         study_id = next(m["ID"] for m in orthanc.lookup(study_uid) if m.get("Type") == "Study")
         print()
         print(f"See them in Orthanc: {orthanc.base_url}/app/explorer.html#study?uuid={study_id}")
+        if (DEFAULT_WEB_ROOT / "index.html").is_file():
+            viewer = OhifProxyServer(("127.0.0.1", _port(3000)), orthanc_url=orthanc.base_url)
+            viewer.start()
+            print(f"See them in OHIF:    {viewer.url}/viewer?StudyInstanceUIDs={study_uid}")
         print(f"Node status:         .venv/bin/dicom-node status --config {node.config_file}")
         if not args.no_wait:
             print("Running; press Ctrl-C to stop.")
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         print("Stopping the node and Orthanc...")
+        if viewer is not None:
+            viewer.stop()
         node.stop()
         orthanc.stop()
         print("Stopped.")
