@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from dicom_node.config import GroupingSettings
-from dicom_node.ledger import Ledger, PlannedJob
+from dicom_node.ledger import Ledger, PlannedJob, SeriesInfo
 from dicom_node.selection import select_series
 from inference.base import SeriesRule
 
@@ -43,9 +43,8 @@ class StudyTracker:
         self.default_min_slices = default_min_slices
         self.clock = clock
 
-    def plan(self, study_uid: str) -> list[PlannedJob]:
+    def plan(self, series: Sequence[SeriesInfo]) -> list[PlannedJob]:
         """Return the jobs a complete study needs, one per analysis and selected series."""
-        series = self.ledger.series_of_study(study_uid)
         planned = []
         for analysis, rule in self.rules.items():
             selection = select_series(series, rule, self.default_min_slices)
@@ -64,8 +63,14 @@ class StudyTracker:
         created = []
         due = self.ledger.studies_due(now, self.settings.quiet_period_s, self.settings.max_wait_s)
         for study_uid in due:
-            planned = self.plan(study_uid)
-            jobs = self.ledger.complete_study(study_uid, now, planned)
+            series = self.ledger.series_of_study(study_uid)
+            planned = self.plan(series)
+            # planned on this many instances: if one more arrived meanwhile, the study is
+            # not complete after all and the plan may lack its series (next tick re-plans)
+            seen = sum(info.instance_count for info in series)
+            jobs = self.ledger.complete_study(study_uid, now, planned, instances_seen=seen)
+            if not jobs and planned:
+                continue
             created.extend(jobs)
             queued = sum(1 for job in planned if job.state == "queued")
             logger.info(

@@ -213,12 +213,21 @@ class Ledger:
         ).fetchall()
         return [row["study_uid"] for row in rows]
 
-    def complete_study(self, study_uid: str, now: float, planned: Sequence[PlannedJob]) -> list[str]:
+    def complete_study(
+        self,
+        study_uid: str,
+        now: float,
+        planned: Sequence[PlannedJob],
+        *,
+        instances_seen: int | None = None,
+    ) -> list[str]:
         """Mark a study complete and create its jobs in one transaction.
 
         Jobs of earlier generations that have not run yet, and undelivered results of
-        earlier generations, are superseded. Returns the new jobs' uids (empty when the
-        study had meanwhile received more instances or was already complete).
+        earlier generations, are superseded. ``instances_seen`` is the number of instances
+        the plan was made on: when the study holds more by now, nothing changes. Returns
+        the new jobs' uids (empty when the study had meanwhile received more instances or
+        was already complete).
         """
         created = []
         with self.transaction() as db:
@@ -227,6 +236,12 @@ class Ledger:
             ).fetchone()
             if study is None or study["state"] != "receiving":
                 return []
+            if instances_seen is not None:
+                count = db.execute(
+                    "SELECT count(*) FROM instances WHERE study_uid = ?", (study_uid,)
+                ).fetchone()[0]
+                if count != instances_seen:
+                    return []
             generation = study["generation"]
             db.execute(
                 "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_uid = ?",

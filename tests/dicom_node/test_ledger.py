@@ -128,3 +128,15 @@ def test_not_applicable_jobs_carry_their_reason(ledger: Ledger) -> None:
     (job,) = ledger.job_rows()
     assert job["state"] == "not_applicable" and job["reason"] == "no MR"
     assert ledger.claim_next_job(111.0, ["hippocampus"]) is None
+
+
+def test_study_is_not_completed_on_a_stale_plan(ledger: Ledger) -> None:
+    """An instance recorded between planning and completing: the plan may lack its series."""
+    ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
+    ledger.record_instance(record("1.2.4.1", 101.0, series="1.2.4"), SERIES)
+    assert ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")],
+                                 instances_seen=1) == []
+    study = ledger.study("1.2")
+    assert study is not None and study["state"] == "receiving"
+    assert ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")],
+                                 instances_seen=2)
