@@ -22,7 +22,7 @@ DATA_DIR = Path(__file__).parents[3] / "shared" / "data" / "hippocampus-msd"
 REPO = Path(__file__).parents[2]
 WEIGHTS = REPO / "inference" / "hippocampus" / "weights" / "hippocampus_unet3d.pt"
 
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"dataset not found at {DATA_DIR}")
+needs_data = pytest.mark.usefixtures("shared_data")  # fails, never skips, without ../shared
 
 
 @pytest.fixture
@@ -109,7 +109,6 @@ def test_one_epoch_on_four_cases_writes_loadable_weights(tmp_path: Path) -> None
 
 
 @needs_data
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped weights not built yet")
 def test_shipped_weights_reach_recorded_dice() -> None:
     assert WEIGHTS.stat().st_size < 5_000_000
     segmenter = HippocampusSegmenter(WEIGHTS, "cpu")
@@ -124,7 +123,6 @@ def test_shipped_weights_reach_recorded_dice() -> None:
 
 
 @needs_data
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason="shipped weights not built yet")
 def test_shipped_weights_respect_the_anterior_posterior_axis() -> None:
     segmenter = HippocampusSegmenter(WEIGHTS, "cpu")
     image, _ = load_case(DATA_DIR, segmenter.meta["split"][0])
