@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, check-config, echo, send, status, retry, analyze, batch, train."""
+"""The ``dicom-node`` command: serve, check-config, echo, send, status, retry, analyze, batch, train, run-csv, convert, classifier."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dicom_node.config import (
     parse_destination,
 )
 from dicom_node.cli_bodycomp import add_parsers as add_bodycomp_parsers
+from dicom_node.cli_classifier import add_parsers as add_classifier_parsers
 from dicom_node.cli_convert import add_parsers as add_convert_parsers
 from dicom_node.errors import ConfigError, DeliveryFailed
 
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_hippocampus)
     add_bodycomp_parsers(sub, train)
     add_convert_parsers(sub)
+    add_classifier_parsers(sub)
     return parser
 
 
