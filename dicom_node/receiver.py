@@ -39,6 +39,9 @@ _NO_REASON_GIVEN = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
 
 
+#: Idle sleep of pynetdicom's DUL loop on our associations (pynetdicom's default: 1 ms).
+DUL_LOOP_DELAY_S = 0.0001
+
 #: Uncompressed transfer syntaxes, accepted last (see :func:`transfer_syntax_preference`).
 _UNCOMPRESSED = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -205,10 +208,17 @@ class StorageSCP:
     # -- event handlers (pynetdicom threads) -------------------------------------------
 
     def handle_conn_open(self, event: Event) -> None:
-        """Disable Nagle's algorithm: without it every instance waits ~40 ms for an ACK."""
+        """Tune a new association's transport for throughput.
+
+        Nagle's algorithm off: without it every instance waits ~40 ms for a delayed ACK.
+        pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it finds no event,
+        which adds up to about a millisecond per PDU gap and per response; 0.1 ms costs a
+        few percent of a core per open association and raises single-association throughput.
+        """
         sock = event.assoc.dul.socket
         if sock is not None and sock.socket is not None:
             sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
     def handle_requested(self, event: Event) -> None:
         """Reject associations from addresses outside the allow-list, when one is set."""

@@ -1,0 +1,85 @@
+"""Body composition in the node: a CT study routed by Orthanc comes back with SEG, SC and SR at L3."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from deploy.local.node_process import NodeProcess
+from deploy.local.orthanc_process import OrthancProcess, free_port, run_storescu, wait_until
+from tests.conftest import SHARED_DATA
+from tests.factories import series_from_nifti, write_datasets
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_ct_study_gets_body_composition_results(
+    tmp_path: Path, make_orthanc: Callable[..., OrthancProcess]
+) -> None:
+    series = series_from_nifti(SHARED_DATA / "ct-abdomen" / "example_ct.nii.gz", modality="CT",
+                               orientation="axial", series_description="Abdomen 3mm", seed=7)
+    paths = write_datasets(series, tmp_path / "ct")
+    study_uid = str(series[0].StudyInstanceUID)
+    node_port = free_port()
+    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=node_port)
+    node = NodeProcess(
+        tmp_path / "node", port=node_port,
+        destinations={"pacs": (orthanc.aet, "127.0.0.1", orthanc.dicom_port)},
+        config={"analyses": {
+            "hippocampus": {"plugin": "hippocampus"},
+            "body-composition": {"plugin": "body-composition",
+                                 "series_numbers": {"seg": 9911, "sc": 9912, "sr": 9913}},
+        }},
+    )
+    node.start()
+    try:
+        run_storescu(paths, orthanc.dicom_port, called_aet=orthanc.aet)
+
+        def results() -> dict[int, str] | None:
+            found = {}
+            for match in orthanc.lookup(study_uid):
+                if match.get("Type") == "Study":
+                    for item in orthanc.series(match["ID"]):
+                        number = int(item["MainDicomTags"].get("SeriesNumber", 0) or 0)
+                        if number in (9911, 9912, 9913):
+                            found[number] = item["Instances"][0]
+            return found if len(found) == 3 else None
+
+        found = wait_until(results, deadline_s=180, what="body composition results in Orthanc", poll_s=0.5)
+        jobs = {j["analysis"]: j for j in node.ledger().job_rows()}
+        assert jobs["hippocampus"]["state"] == "not_applicable"
+        assert "modality CT is not MR" in jobs["hippocampus"]["reason"]
+        summary = jobs["body-composition"]["summary"]
+        assert summary["method"].startswith("classical HU thresholds")
+        areas = {m["structure"]: m["value"] for m in summary["measurements"] if m["unit"] == "cm2"}
+        assert set(areas) == {"Skeletal muscle", "Subcutaneous fat", "Visceral fat"}
+        # the classical path on this CT at L3 (README): muscle ~128, fat ~222 and ~162 cm2
+        assert areas["Skeletal muscle"] == pytest.approx(127.8, rel=0.1)
+        assert areas["Subcutaneous fat"] == pytest.approx(221.5, rel=0.1)
+        assert areas["Visceral fat"] == pytest.approx(162.2, rel=0.1)
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(
+            orthanc.request("GET", f"/instances/{found[9911]}/file"))))
+        assert seg.StudyInstanceUID == study_uid
+        assert seg.StudyDescription == series[0].StudyDescription
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+            "Skeletal muscle", "Subcutaneous fat", "Visceral fat"]
+        sr = pydicom.dcmread(io.BytesIO(orthanc.request("GET", f"/instances/{found[9913]}/file")))
+        units = {item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+                 for item in _walk(sr.ContentSequence) if item.get("ValueType") == "NUM"}
+        assert units == {"cm2", "[hnsf'U]"}
+    finally:
+        node.stop()
+
+
+def _walk(sequence: pydicom.Sequence) -> list[pydicom.Dataset]:
+    items = []
+    for item in sequence:
+        items.append(item)
+        if "ContentSequence" in item:
+            items.extend(_walk(item.ContentSequence))
+    return items
