@@ -81,6 +81,7 @@ class NodeProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dicom-node exited with {self.process.returncode}:\n{self.log_text()}")
             if time.monotonic() > deadline:
+                self.kill()  # never leave a half-started node behind
                 raise TimeoutError(f"dicom-node did not start within {deadline_s} s:\n{self.log_text()}")
             time.sleep(0.1)
 

@@ -36,8 +36,8 @@ def test_ct_study_gets_body_composition_results(
                                  "series_numbers": {"seg": 9911, "sc": 9912, "sr": 9913}},
         }},
     )
-    node.start()
     try:
+        node.start()
         run_storescu(paths, orthanc.dicom_port, called_aet=orthanc.aet)
 
         def results() -> dict[int, str] | None:
