@@ -82,7 +82,7 @@ def main() -> int:
                 job = next(j for j in node.ledger().job_rows() if j["study_uid"] == study)
                 files = [Path(job["result_dir"]) / f"{k}.dcm" for k in ("seg", "sc", "sr")]
                 start = time.perf_counter()
-                run_storescu(files, orthanc.dicom_port, called_aet=orthanc.aet)
+                run_storescu(files, orthanc.dicom_port, called_aet=orthanc.aet, extra_args=("-R",))
                 reference = time.perf_counter() - start
                 if run:
                     latencies.append(latency)

@@ -25,6 +25,8 @@ Among the series left, the best is chosen by :func:`inference.bodycomp.series_ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import json
 import logging
@@ -259,7 +261,9 @@ def process_study(
                               "found": True, "folder": str(folder), "error": None, "series": [],
                               "passed_over": []}
     series = scan_series(folder, options.num_threads)
-    selection = select_series([info for info, _, _ in series.values()], analysis.rule,
+    # every usable series is measured here; filtered_summary.csv then keeps the best one
+    every_series = dataclasses.replace(analysis.rule, choose=None)
+    selection = select_series([info for info, _, _ in series.values()], every_series,
                               options.min_slices_per_series)
     record["passed_over"] = [{"series_instance_uid": info.series_uid, "description": info.description,
                               "reason": reason} for info, reason in selection.passed_over]

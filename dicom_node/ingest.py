@@ -72,7 +72,17 @@ def series_attributes(ds: Dataset) -> dict[str, Any]:
         "pixel_spacing": numbers("PixelSpacing"),
         "slice_thickness": number("SliceThickness"),
         "number_of_frames": int(frames) if frames is not None else None,
+        "convolution_kernel": _joined(ds.get("ConvolutionKernel")),
     }
+
+
+def _joined(value: Any) -> str:
+    """Return a text element that may be multi-valued as one string, values joined by backslashes."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
 
 
 @dataclass(frozen=True)

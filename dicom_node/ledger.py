@@ -38,6 +38,7 @@ class SeriesInfo:
     slice_thickness: float | None
     number_of_frames: int | None
     instance_count: int
+    convolution_kernel: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connection()
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone():
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name IN ('jobs', 'series')").fetchone():
             migrate(db)
         db.executescript(SCHEMA)
         with self.transaction() as tx:
@@ -149,10 +150,12 @@ class Ledger:
             db.execute(
                 "INSERT OR IGNORE INTO series (series_uid, study_uid, modality, description,"
                 " sop_class_uid, manufacturer, rows, columns, orientation, pixel_spacing,"
-                " slice_thickness, number_of_frames) VALUES (:series_uid, :study_uid, :modality,"
-                " :description, :sop_class_uid, :manufacturer, :rows, :columns, :orientation,"
-                " :pixel_spacing, :slice_thickness, :number_of_frames)",
-                {"series_uid": record.series_uid, "study_uid": record.study_uid, **series},
+                " slice_thickness, number_of_frames, convolution_kernel) VALUES (:series_uid,"
+                " :study_uid, :modality, :description, :sop_class_uid, :manufacturer, :rows,"
+                " :columns, :orientation, :pixel_spacing, :slice_thickness, :number_of_frames,"
+                " :convolution_kernel)",
+                {"series_uid": record.series_uid, "study_uid": record.study_uid,
+                 "convolution_kernel": "", **series},
             )
             if known:
                 return False
@@ -562,4 +565,5 @@ def _series_info(row: sqlite3.Row) -> SeriesInfo:
         slice_thickness=row["slice_thickness"],
         number_of_frames=row["number_of_frames"],
         instance_count=row["instance_count"],
+        convolution_kernel=row["convolution_kernel"],
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS series (
     orientation TEXT,
     pixel_spacing TEXT,
     slice_thickness REAL,
-    number_of_frames INTEGER
+    number_of_frames INTEGER,
+    convolution_kernel TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
 CREATE TABLE IF NOT EXISTS instances (
@@ -89,15 +90,18 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_a
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
-    Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
     constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
     """
+    series = {row[1] for row in db.execute("PRAGMA table_info(series)")}
+    if series and "convolution_kernel" not in series:  # version 3
+        db.execute("ALTER TABLE series ADD COLUMN convolution_kernel TEXT NOT NULL DEFAULT ''")
     studies = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
-    if "origin" not in studies:
+    if studies and "origin" not in studies:
         db.execute("ALTER TABLE studies ADD COLUMN origin TEXT NOT NULL DEFAULT 'dicom'")
     columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
-    if "options" in columns:
+    if not columns or "options" in columns:
         return
     create = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS jobs"):]
     create = create[: create.index(");") + 2].replace("IF NOT EXISTS jobs", "jobs_v2")

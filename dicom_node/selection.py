@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicom_node.ledger import SeriesInfo
-from inference.base import SeriesRule
+from inference.base import SeriesCandidate, SeriesRule
 
 #: Our own results are never analysed again (Manufacturer we write, see reports.identity).
 OWN_MANUFACTURER = "dicom-node"
@@ -100,4 +100,16 @@ def select_series(
             selected.append(info)
         else:
             passed_over.append((info, reason))
+    if rule.choose is not None and len(selected) > 1:
+        chosen = rule.choose([candidate(info) for info in selected]).series_uid
+        for info in selected:
+            if info.series_uid != chosen:
+                passed_over.append((info, f"series {chosen} of the same study was preferred"))
+        selected = [info for info in selected if info.series_uid == chosen]
     return Selection(tuple(selected), tuple(passed_over))
+
+
+def candidate(info: SeriesInfo) -> SeriesCandidate:
+    """Return what a rule's ``choose`` function sees of a series."""
+    return SeriesCandidate(info.series_uid, info.convolution_kernel, info.slice_thickness,
+                           slice_count(info))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -20,6 +21,28 @@ class InputError(ValueError):
     The message is shown to users as the reason a job failed, so it must say what was
     wrong with the input in plain words.
     """
+
+
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """What a choice between several usable series of one study may look at.
+
+    Parameters
+    ----------
+    series_uid
+        SeriesInstanceUID.
+    kernel
+        ConvolutionKernel, values joined by backslashes ('' when absent).
+    slice_thickness_mm
+        SliceThickness, or ``None``.
+    slice_count
+        Number of images.
+    """
+
+    series_uid: str
+    kernel: str
+    slice_thickness_mm: float | None
+    slice_count: int
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,9 @@ class SeriesRule:
         Largest acceptable pixel spacing or slice spacing in millimetres, or ``None``.
     max_matrix
         Largest acceptable Rows and Columns, or ``None``.
+    choose
+        When set and several series of a study satisfy the rule, only the one this function
+        returns is analysed (the others are reported as passed over); ``None`` analyses all.
     """
 
     modalities: tuple[str, ...]
@@ -52,6 +78,7 @@ class SeriesRule:
     orientation: str = "any"
     max_spacing_mm: float | None = None
     max_matrix: int | None = None
+    choose: Callable[[Sequence[SeriesCandidate]], SeriesCandidate] | None = None
 
 
 @dataclass(frozen=True)

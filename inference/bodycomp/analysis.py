@@ -13,6 +13,7 @@ import numpy as np
 
 from inference.base import AnalysisResult, Code, InputError, Measurement, SeriesRule, Structure
 from inference.bodycomp import classical
+from inference.bodycomp.series_choice import choose_series
 from inference.bodycomp.config import (
     DEFAULT_CLASSES,
     THORACIC_CLASSES,
@@ -220,7 +221,9 @@ class BodyCompositionAnalysis:
         self.config = config
         self.levels = chosen
         self.range_mm = float(range_mm)
-        self.rule = SeriesRule(modalities=("CT",), min_slices=min_slices, orientation="axial")
+        self.rule = SeriesRule(
+            modalities=("CT",), min_slices=min_slices, orientation="axial", choose=choose_series
+        )
         self.device = "cpu"
         if config.uses_deep_learning:
             self.model_name = "bodycomp-dl"

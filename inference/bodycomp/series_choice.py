@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from inference.base import SeriesCandidate
 
 #: Reconstruction kernels that are sharp (bone, lung, edge-enhancing): HU statistics of fat and
 #: muscle are noisier on them. Siemens B/Br/I/Ir 50 and up, GE BONE/LUNG/EDGE, Philips YC/YD/L/E,
@@ -14,26 +15,7 @@ SHARP_KERNEL = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class SeriesCandidate:
-    """What the choice needs to know about one usable series (from its headers).
-
-    Parameters
-    ----------
-    series_uid
-        SeriesInstanceUID.
-    kernel
-        ConvolutionKernel joined into one string ('' when absent).
-    slice_thickness_mm
-        SliceThickness, or ``None``.
-    slice_count
-        Number of images.
-    """
-
-    series_uid: str
-    kernel: str
-    slice_thickness_mm: float | None
-    slice_count: int
+__all__ = ["SHARP_KERNEL", "SeriesCandidate", "choose_series", "is_soft_tissue_kernel"]
 
 
 def is_soft_tissue_kernel(kernel: str) -> bool:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.ledger_schema import SCHEMA_VERSION
+
 from dicom_node.ledger import InstanceRecord, Ledger, PlannedJob
 
 SERIES = {
@@ -100,5 +102,25 @@ def test_version_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     assert (ledger.study("1.2") or {})["origin"] == "dicom"
     ledger.create_job("1.2", PlannedJob("hippocampus", "1.2.3"), 5.0, origin="api")  # no UNIQUE clash
     version = ledger._connection().execute("SELECT value FROM meta WHERE key = 'schema_version'")
-    assert json.loads(version.fetchone()[0]) == 2
+    assert json.loads(version.fetchone()[0]) == SCHEMA_VERSION
     assert Ledger(path).job("old-job") is not None  # opening again changes nothing
+
+
+def test_version_2_ledger_gains_the_series_kernel(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,"
+               " modality TEXT NOT NULL DEFAULT '', description TEXT NOT NULL DEFAULT '',"
+               " sop_class_uid TEXT NOT NULL DEFAULT '', manufacturer TEXT NOT NULL DEFAULT '',"
+               " rows INTEGER, columns INTEGER, orientation TEXT, pixel_spacing TEXT,"
+               " slice_thickness REAL, number_of_frames INTEGER)")
+    db.execute("INSERT INTO series (series_uid, study_uid, modality) VALUES ('1.2.3', '1.2', 'CT')")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    row = ledger._connection().execute("SELECT modality, convolution_kernel FROM series").fetchone()
+    assert tuple(row) == ("CT", "")

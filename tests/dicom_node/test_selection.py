@@ -79,3 +79,19 @@ def test_selection_explains_not_applicable() -> None:
 def test_several_series_can_be_selected() -> None:
     chosen = select_series([series(series_uid="1.1"), series(series_uid="1.2")], RULE, 20)
     assert [s.series_uid for s in chosen.selected] == ["1.1", "1.2"]
+
+
+def test_a_rule_can_choose_one_series_per_study() -> None:
+    from inference.bodycomp.series_choice import choose_series
+
+    rule = SeriesRule(modalities=("CT",), min_slices=20, choose=choose_series)
+    ct = {"modality": "CT", "description": "abdomen"}
+    sharp = series(series_uid="1.1", convolution_kernel="B70f", slice_thickness=3.0, **ct)
+    thin = series(series_uid="1.2", convolution_kernel="B30f", slice_thickness=0.6, **ct)
+    soft = series(series_uid="1.3", convolution_kernel="B30f", slice_thickness=3.0, **ct)
+    chosen = select_series([sharp, thin, soft], rule, 20)
+    assert [s.series_uid for s in chosen.selected] == ["1.3"]
+    assert dict((i.series_uid, r) for i, r in chosen.passed_over) == {
+        "1.1": "series 1.3 of the same study was preferred",
+        "1.2": "series 1.3 of the same study was preferred",
+    }
