@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 HIPPO_DICOM = SHARED_DATA / "hippocampus-dicom"
 HIPPO_CROP_STUDY1 = HIPPO_DICOM / "Study1" / "13_HCropVolume"
+
+
+def sr_content_items(sequence: Any) -> list[Any]:
+    """Return every content item of an SR content tree, depth first."""
+    items = []
+    for item in sequence:
+        items.append(item)
+        if "ContentSequence" in item:
+            items.extend(sr_content_items(item.ContentSequence))
+    return items
 
 
 class FakeClock:

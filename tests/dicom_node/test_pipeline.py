@@ -15,7 +15,7 @@ from dicom_node.errors import StudyNotProcessable
 from dicom_node.pipeline import JobSpec, run_job
 from inference.hippocampus.analysis import HippocampusAnalysis
 from inference.volume import load_series
-from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA
+from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA, sr_content_items
 from tests.factories import series_from_nifti, write_datasets
 
 MSD = SHARED_DATA / "hippocampus-msd"
@@ -117,27 +117,19 @@ def test_results_pass_dciodvfy_and_read_back(
         algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
         assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("hippocampus-unet3d", version)
     assert f"hippocampus-unet3d {version}" in sc.DerivationDescription
-    text_values = [item.get("TextValue") for item in _walk(sr.ContentSequence)]
+    text_values = [item.get("TextValue") for item in sr_content_items(sr.ContentSequence)]
     assert "hippocampus-unet3d" in text_values and version in text_values
     # three volumes in mm3, the total their sum
     volumes = outcome.summary["measurements"]
     assert [m["unit"] for m in volumes] == ["mm3"] * 3
     assert volumes[2]["value"] == pytest.approx(volumes[0]["value"] + volumes[1]["value"], abs=0.01)
     measured = [
-        item for item in _walk(sr.ContentSequence)
+        item for item in sr_content_items(sr.ContentSequence)
         if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "118565006"
     ]
     assert len(measured) == 3
     assert {m.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for m in measured} == {"mm3"}
 
-
-def _walk(sequence: pydicom.Sequence) -> list[pydicom.Dataset]:
-    items = []
-    for item in sequence:
-        items.append(item)
-        if "ContentSequence" in item:
-            items.extend(_walk(item.ContentSequence))
-    return items
 
 
 def test_rerun_gives_identical_uids(tmp_path: Path, analysis: HippocampusAnalysis) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import OrthancProcess, free_port, run_storescu, wait_until
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, sr_content_items
 from tests.factories import series_from_nifti, write_datasets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -70,16 +70,8 @@ def test_ct_study_gets_body_composition_results(
             "Skeletal muscle", "Subcutaneous fat", "Visceral fat"]
         sr = pydicom.dcmread(io.BytesIO(orthanc.request("GET", f"/instances/{found[9913]}/file")))
         units = {item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
-                 for item in _walk(sr.ContentSequence) if item.get("ValueType") == "NUM"}
+                 for item in sr_content_items(sr.ContentSequence) if item.get("ValueType") == "NUM"}
         assert units == {"cm2", "[hnsf'U]"}
     finally:
         node.stop()
 
-
-def _walk(sequence: pydicom.Sequence) -> list[pydicom.Dataset]:
-    items = []
-    for item in sequence:
-        items.append(item)
-        if "ContentSequence" in item:
-            items.extend(_walk(item.ContentSequence))
-    return items
