@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +13,11 @@ from inference.base import AnalysisResult, Code, InputError, Measurement, Series
 from inference.volume import Volume, to_model_space
 
 if TYPE_CHECKING:
-    from inference.hippocampus.predict import HippocampusSegmenter
+    from inference.hippocampus.predict import HippocampusEnsemble
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "hippocampus_unet3d.pt"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: The shipped model: the networks whose outputs are averaged (see MODEL_CARD.md).
+DEFAULT_WEIGHTS: tuple[Path, ...] = (WEIGHTS_DIR / "hippocampus_unet3d.pt",)
 
 #: The model was trained on MSD crops: RAS array axes at 1 mm (see MODEL_CARD.md).
 TRAINING_AXCODES = ("R", "A", "S")
@@ -37,7 +40,8 @@ class HippocampusAnalysis:
     Parameters
     ----------
     weights
-        Path of the trained weights; the shipped model when omitted.
+        Path of a trained weights file, or several whose outputs are averaged; the shipped
+        model when omitted.
     description_pattern
         Regular expression a series description must match to be analysed.
     min_slices
@@ -50,14 +54,20 @@ class HippocampusAnalysis:
 
     def __init__(
         self,
-        weights: str | None = None,
+        weights: str | Sequence[str] | None = None,
         description_pattern: str = r"hippo|hcrop",
         min_slices: int | None = None,
         max_matrix: int = 160,
     ) -> None:
-        self.weights = Path(weights) if weights else DEFAULT_WEIGHTS
-        if not self.weights.is_file():
-            raise ValueError(f"hippocampus weights not found: {self.weights}")
+        if weights is None:
+            self.weights = DEFAULT_WEIGHTS
+        elif isinstance(weights, str):
+            self.weights = (Path(weights),)
+        else:
+            self.weights = tuple(Path(w) for w in weights)
+        missing = [str(path) for path in self.weights if not path.is_file()]
+        if not self.weights or missing:
+            raise ValueError(f"hippocampus weights not found: {', '.join(missing) or 'none given'}")
         self.rule = SeriesRule(
             modalities=("MR",),
             description_pattern=description_pattern,
@@ -66,15 +76,20 @@ class HippocampusAnalysis:
             max_matrix=max_matrix,
             max_spacing_mm=3.0,
         )
-        self._segmenter: HippocampusSegmenter | None = None
+        self._segmenter: HippocampusEnsemble | None = None
 
     @cached_property
-    def _meta(self) -> dict[str, Any]:
+    def _metas(self) -> list[dict[str, Any]]:
         import torch
 
-        checkpoint = torch.load(self.weights, map_location="cpu", weights_only=True)
-        meta: dict[str, Any] = checkpoint["meta"]
-        return meta
+        return [
+            dict(torch.load(path, map_location="cpu", weights_only=True)["meta"])
+            for path in self.weights
+        ]
+
+    @property
+    def _meta(self) -> dict[str, Any]:
+        return self._metas[0]
 
     @property
     def model_name(self) -> str:
@@ -82,13 +97,16 @@ class HippocampusAnalysis:
 
     @property
     def model_version(self) -> str:
-        return str(self._meta.get("version", "unknown"))
+        """The version of the weights; for several, each version and seed, e.g. ``1.0.0s0+1.0.0s1``."""
+        if len(self._metas) == 1:
+            return str(self._meta.get("version", "unknown"))
+        return "+".join(f"{m.get('version')}s{m.get('seed')}" for m in self._metas)
 
     def load(self, device: str) -> None:
         """Load the network once on ``device``."""
-        from inference.hippocampus.predict import HippocampusSegmenter
+        from inference.hippocampus.predict import HippocampusEnsemble
 
-        self._segmenter = HippocampusSegmenter(self.weights, device)
+        self._segmenter = HippocampusEnsemble(self.weights, device)
 
     def run(self, volume: Volume) -> AnalysisResult:
         """Segment the hippocampus and measure the volume of each part.

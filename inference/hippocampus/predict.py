@@ -105,10 +105,10 @@ def load_case(data_dir: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def predict_labels(
+def predict_probabilities(
     model: UNet3d, image_norm: np.ndarray, device: str, *, mirror: bool
-) -> np.ndarray:
-    """Run the network on one normalised volume and return its label map.
+) -> torch.Tensor:
+    """Return the class probabilities of one normalised volume, shape ``(classes, *image)``.
 
     Parameters
     ----------
@@ -121,19 +121,21 @@ def predict_labels(
     mirror
         Average the softmax of the image and of its left-right mirror (axis 0). Only the
         left-right axis is mirrored: the labels are defined along the anterior-posterior axis.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 labels, same shape as ``image_norm``.
     """
     x = torch.from_numpy(np.ascontiguousarray(image_norm, dtype=np.float32))
     x = x[None, None].to(device)
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1)
         if mirror:
-            probs += torch.softmax(model(x.flip(2)), dim=1).flip(2)
-        labels = probs.argmax(dim=1)[0]
+            probs = (probs + torch.softmax(model(x.flip(2)), dim=1).flip(2)) / 2
+    return probs[0]
+
+
+def predict_labels(
+    model: UNet3d, image_norm: np.ndarray, device: str, *, mirror: bool
+) -> np.ndarray:
+    """Run the network on one normalised volume and return its uint8 label map."""
+    labels = predict_probabilities(model, image_norm, device, mirror=mirror).argmax(dim=0)
     return labels.to("cpu", torch.uint8).numpy()
 
 
@@ -197,12 +199,54 @@ class HippocampusSegmenter:
         ValueError
             If the array is not 3D or holds non-finite values.
         """
-        image = np.asarray(image_ras)
-        if image.ndim != 3:
-            raise ValueError(f"expected a 3D array, got shape {image.shape}")
-        if not np.all(np.isfinite(image)):
-            raise ValueError("image holds NaN or infinite values")
-        return predict_labels(self._model, normalise(image), self._device, mirror=True)
+        return predict_labels(self._model, normalise(checked(image_ras)), self._device, mirror=True)
+
+
+class HippocampusEnsemble:
+    """Several trained U-Nets (e.g. two seeds) whose mirrored softmax outputs are averaged.
+
+    Parameters
+    ----------
+    weights_paths
+        Files written by :func:`inference.hippocampus.train.train`, same architecture family.
+    device
+        Torch device string.
+    """
+
+    def __init__(self, weights_paths: Sequence[Path], device: str) -> None:
+        if not weights_paths:
+            raise ValueError("an ensemble needs at least one weights file")
+        self.members = [HippocampusSegmenter(path, device) for path in weights_paths]
+        self._device = device
+
+    @property
+    def version(self) -> str:
+        """The members' versions and seeds, e.g. ``1.0.0s0+1.0.0s1``."""
+        return "+".join(f"{m.meta.get('version')}s{m.meta.get('seed')}" for m in self.members)
+
+    def segment(self, image_ras: np.ndarray) -> np.ndarray:
+        """Label a crop like :meth:`HippocampusSegmenter.segment`, averaging every member."""
+        image = normalise(checked(image_ras))
+        probs = torch.stack(
+            [predict_probabilities(m.model, image, self._device, mirror=True) for m in self.members]
+        ).sum(dim=0)
+        return probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+
+
+def checked(image_ras: np.ndarray) -> np.ndarray:
+    """Return ``image_ras`` as an array after checking it is a finite 3D volume.
+
+    Raises
+    ------
+    ValueError
+        If the array is not 3D or holds non-finite values.
+    """
+    image = np.asarray(image_ras)
+    if image.ndim != 3:
+        raise ValueError(f"expected a 3D array, got shape {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError("image holds NaN or infinite values")
+    return image
 
 
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
