@@ -298,7 +298,7 @@ def summarise_dice(per_case: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 
 def evaluate(
-    segmenter: HippocampusSegmenter, data_dir: Path, case_ids: Sequence[str]
+    segmenter: HippocampusSegmenter | HippocampusEnsemble, data_dir: Path, case_ids: Sequence[str]
 ) -> dict[str, Any]:
     """Score a segmenter against the reference labels of some cases.
 
