@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from dicom_node.errors import ConfigError
 from dicom_node.ledger import SeriesInfo
+from dicom_node.offline import series_info
 from dicom_node.pipeline import identity_for, order_like_volume
 from dicom_node.selection import select_series
 from dicom_node.spool import write_atomic
@@ -161,14 +162,6 @@ def _read_full(path: Path) -> Dataset:
     return ds
 
 
-def _number(ds: Dataset, keyword: str) -> float | None:
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def scan_series(folder: Path, threads: int) -> dict[str, tuple[SeriesInfo, list[Path], Dataset]]:
     """Group the DICOM files under ``folder`` (any names, any depth) by series, headers read in threads."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -181,24 +174,7 @@ def scan_series(folder: Path, threads: int) -> dict[str, tuple[SeriesInfo, list[
             logger.debug("skipping %s: not a DICOM image", path)
             continue
         grouped.setdefault(uid, ([], ds))[0].append(path)
-    series = {}
-    for uid, (files, ds) in grouped.items():
-        orientation = ds.get("ImageOrientationPatient")
-        spacing = ds.get("PixelSpacing")
-        frames = _number(ds, "NumberOfFrames")
-        info = SeriesInfo(
-            series_uid=uid, study_uid=str(ds.get("StudyInstanceUID", "")),
-            modality=str(ds.get("Modality", "")), description=str(ds.get("SeriesDescription", "")),
-            sop_class_uid=str(ds.get("SOPClassUID", "")), manufacturer=str(ds.get("Manufacturer", "")),
-            rows=ds.get("Rows"), columns=ds.get("Columns"),
-            orientation=tuple(float(v) for v in orientation) if orientation else None,
-            pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
-            slice_thickness=_number(ds, "SliceThickness"),
-            number_of_frames=int(frames) if frames is not None else None,
-            instance_count=len(files),
-        )
-        series[uid] = (info, files, ds)
-    return series
+    return {uid: (series_info(ds, len(files)), files, ds) for uid, (files, ds) in grouped.items()}
 
 
 def _kernel(ds: Dataset) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig
@@ -46,17 +47,20 @@ def scan_study(folder: Path) -> dict[str, tuple[SeriesInfo, list[Path]]]:
             continue
         files[series_uid].append(path)
         first.setdefault(series_uid, ds)
-    series = {}
-    for series_uid, paths in files.items():
-        ds = first[series_uid]
-        info = SeriesInfo(
-            series_uid=series_uid,
-            study_uid=str(ds.get("StudyInstanceUID", "")),
-            instance_count=len(paths),
-            **_series_fields(series_attributes(ds)),
-        )
-        series[series_uid] = (info, paths)
-    return series
+    return {uid: (series_info(first[uid], len(paths)), paths) for uid, paths in files.items()}
+
+
+def series_info(header: Dataset, instance_count: int) -> SeriesInfo:
+    """Return what selection rules see of a series, from one of its headers.
+
+    The same attributes, read the same way, as the node records for a received series.
+    """
+    return SeriesInfo(
+        series_uid=str(header.get("SeriesInstanceUID", "")),
+        study_uid=str(header.get("StudyInstanceUID", "")),
+        instance_count=instance_count,
+        **_series_fields(series_attributes(header)),
+    )
 
 
 def _series_fields(attributes: Mapping[str, Any]) -> dict[str, Any]:
