@@ -288,6 +288,7 @@ def build_results(
         result.measurements,
         result.findings,
         segmentation=seg,
+        label_map=None if seg is None else np.asarray(label_map, dtype=np.uint8),
         procedure_reported=IMAGING_PROCEDURE,
         tracking_seed=uids["tracking"],
         identity=identity,

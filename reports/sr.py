@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -17,6 +18,7 @@ from reports.identity import (
     derive_uid,
     source_headers,
 )
+from reports.outline import outline_largest_section
 from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,22 @@ def _probability_code(class_name: str) -> hd.sr.CodedConcept:
     )
 
 
+def _key_slice_region(
+    mask: np.ndarray, source_images: Sequence[Dataset]
+) -> hd.sr.ImageRegion | None:
+    """The outline of `mask` on the source image where it is largest, or ``None`` if empty."""
+    outline = outline_largest_section(mask)
+    if outline is None:
+        return None
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            source_images[outline.slice_index]
+        ),
+    )
+
+
 def _measurement(measurement: MeasurementLike) -> hd.sr.Measurement:
     # The algorithm is identified once per group, which applies to its measurements.
     return hd.sr.Measurement(
@@ -79,6 +97,30 @@ def _check_segmentation(segmentation: Dataset, structures: Sequence[StructureLik
             f"segmentation {segmentation.SOPInstanceUID} has segments {labels}, "
             f"expected one per structure in order: {names}"
         )
+
+
+def _structure_tracking(seed: str, structure: StructureLike) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=derive_tracking_uid(seed, "structure", str(structure.label)),
+        identifier=structure.name,
+    )
+
+
+def _whole_series_tracking(seed: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=derive_tracking_uid(seed, "image"), identifier="whole series"
+    )
+
+
+def _finding_sites(structure: StructureLike) -> list[hd.sr.FindingSite] | None:
+    if structure.laterality is None or structure.category[0] != _ANATOMICAL_STRUCTURE:
+        return None
+    return [
+        hd.sr.FindingSite(
+            anatomic_location=coded(structure.property_type),
+            laterality=coded(structure.laterality),
+        )
+    ]
 
 
 def build_structure_groups(
@@ -118,19 +160,8 @@ def build_structure_groups(
     )
     groups = []
     for number, structure in enumerate(structures, start=1):
-        finding_sites = None
-        if structure.laterality is not None and structure.category[0] == _ANATOMICAL_STRUCTURE:
-            finding_sites = [
-                hd.sr.FindingSite(
-                    anatomic_location=coded(structure.property_type),
-                    laterality=coded(structure.laterality),
-                )
-            ]
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derive_tracking_uid(tracking_seed, "structure", str(structure.label)),
-                identifier=structure.name,
-            ),
+            tracking_identifier=_structure_tracking(tracking_seed, structure),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=str(segmentation.SOPClassUID),
                 sop_instance_uid=str(segmentation.SOPInstanceUID),
@@ -139,15 +170,82 @@ def build_structure_groups(
             ),
             finding_type=coded(structure.property_type),
             finding_category=coded(structure.category),
-            finding_sites=finding_sites,
+            finding_sites=_finding_sites(structure),
             algorithm_id=build_sr_algorithm_identification(identity),
             measurements=[
-                _measurement(m)
-                for m in measurements
-                if m.structure_label == structure.label
+                _measurement(m) for m in measurements if m.structure_label == structure.label
             ],
         )
         groups.append(group)
+    return groups
+
+
+def build_location_groups(
+    source_images: Sequence[Dataset],
+    structures: Sequence[StructureLike],
+    label_map: np.ndarray,
+    *,
+    tracking_seed: str,
+    identity: Identity,
+    whole_series: bool,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Build one planar ROI group (TID 1410) per structure: where it is largest.
+
+    Each group outlines its structure on the source image where the structure's
+    cross-section is largest (the largest part there, along its pixels' edges) and
+    carries the tracking identifier and UID of the structure's volumetric group, so
+    that it tracks the same structure. It holds no measurements of its own: the
+    segment defines the structure and the volumetric group holds its measurements.
+    Viewers that place measurements on images use it to show them; OHIF, which
+    merges groups by tracking UID, lists only measurements that have such an outline.
+
+    Parameters
+    ----------
+    source_images
+        The source series, in the label map's slice order.
+    structures
+        The structures; an empty one gets no group.
+    label_map
+        Integer array ``(slices, rows, columns)``, ``structure.label`` for each structure.
+    tracking_seed
+        Seed of the deterministic tracking UIDs (as for the volumetric groups).
+    identity
+        Algorithm identification.
+    whole_series
+        Also outline all structures together, tracked as the whole-series group is.
+
+    Returns
+    -------
+    list[highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations]
+        The groups, in structure order, the whole-series one last.
+    """
+    algorithm = build_sr_algorithm_identification(identity)
+    groups = []
+    for structure in structures:
+        region = _key_slice_region(label_map == structure.label, source_images)
+        if region is None:
+            continue
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_structure_tracking(tracking_seed, structure),
+                referenced_region=region,
+                finding_type=coded(structure.property_type),
+                finding_category=coded(structure.category),
+                finding_sites=_finding_sites(structure),
+                algorithm_id=algorithm,
+            )
+        )
+    if whole_series:
+        union = np.isin(label_map, [structure.label for structure in structures])
+        region = _key_slice_region(union, source_images)
+        if region is not None:
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_whole_series_tracking(tracking_seed),
+                    referenced_region=region,
+                    algorithm_id=algorithm,
+                )
+            )
     return groups
 
 
@@ -215,6 +313,7 @@ def build_measurement_report(
     findings: Sequence[FindingLike] = (),
     *,
     segmentation: Dataset | None,
+    label_map: np.ndarray | None = None,
     procedure_reported: Code,
     tracking_seed: str,
     series_instance_uid: str,
@@ -230,8 +329,10 @@ def build_measurement_report(
     `segmentation` (segment ``i + 1`` for ``structures[i]``, as
     :func:`reports.seg.build_segmentation` numbers them) with its measurements;
     measurements without a structure go into one image-level group; each finding
-    gets its own group. The report is complete but preliminary and unverified: a
-    physician has not reviewed it.
+    gets its own group. Given the label map, a planar ROI group per structure (and
+    one for the image-level group) outlines it where it is largest, tracked with the
+    same UID (:func:`build_location_groups`). The report is complete but preliminary
+    and unverified: a physician has not reviewed it.
 
     Parameters
     ----------
@@ -245,6 +346,12 @@ def build_measurement_report(
         Classification findings.
     segmentation
         The segmentation of `structures`, or ``None`` when there are no structures.
+    label_map
+        The label map `segmentation` was built from, ``(slices, rows, columns)`` in the
+        order of `source_images`. When given, planar ROI groups outline each structure
+        (and all of them, for whole-series measurements) where it is largest, so that
+        viewers can show the measurements on an image (see
+        :func:`build_location_groups`).
     procedure_reported
         Code of the imaging procedure reported on (CID 100), e.g. an MR brain exam.
     tracking_seed
@@ -268,7 +375,8 @@ def build_measurement_report(
     ------
     ValueError
         If there is nothing to report, structures are given without a matching
-        segmentation, or a measurement names a label that no structure has.
+        segmentation, a measurement names a label that no structure has, or the label
+        map does not have one slice per source image.
     """
     if len(source_images) == 0:
         raise ValueError("no source images given")
@@ -280,11 +388,16 @@ def build_measurement_report(
     )
     if stray:
         raise ValueError(f"measurements refer to labels {stray} that no structure has")
+    if label_map is not None and label_map.shape[0] != len(source_images):
+        raise ValueError(
+            f"label map has {label_map.shape[0]} slices for {len(source_images)} source images"
+        )
     headers = source_headers(source_images)
     evidence: list[Dataset] = list(headers)
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     ] = []
     if structures:
         if segmentation is None:
@@ -305,10 +418,7 @@ def build_measurement_report(
     if image_measurements:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derive_tracking_uid(tracking_seed, "image"),
-                    identifier="whole series",
-                ),
+                tracking_identifier=_whole_series_tracking(tracking_seed),
                 algorithm_id=build_sr_algorithm_identification(identity),
                 measurements=[_measurement(m) for m in image_measurements],
                 source_images=[
@@ -320,6 +430,17 @@ def build_measurement_report(
     for finding in findings:
         groups.append(
             build_finding_group(finding, headers, tracking_seed=tracking_seed, identity=identity)
+        )
+    if structures and label_map is not None:
+        groups.extend(
+            build_location_groups(
+                headers,
+                structures,
+                label_map,
+                tracking_seed=tracking_seed,
+                identity=identity,
+                whole_series=bool(image_measurements),
+            )
         )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

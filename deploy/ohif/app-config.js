@@ -10,7 +10,31 @@ window.config = {
   routerBasename: null,
   extensions: [],
   modes: [],
-  customizationService: {},
+  customizationService: {
+    // Measurements of reports made elsewhere (the node's TID 1500 SR among them) are shown
+    // read-only on the image their planar ROI outlines. OHIF labels them with the measurement's
+    // concept only ("Volume: 1839.00 mm3"); name the tracked structure as well, and skip a
+    // measurement that has no image location instead of failing the whole report on it.
+    onBeforeSRAddMeasurement: {
+      $set: ({ measurement }) => {
+        const name = measurement.TrackingIdentifier || '';
+        // OHIF's own reports track "Cornerstone3DTools@^0.1.0:<Tool>": leave those alone.
+        if (name && !name.includes('@') && !measurement.structureNamed) {
+          const title = name.charAt(0).toUpperCase() + name.slice(1);
+          // Measured values only: coded finding sites are labelled by their code value.
+          measurement.labels = (measurement.labels || []).map((entry) =>
+            /^\d+$/.test(String(entry.label))
+              ? entry
+              : { ...entry, label: `${title} ${String(entry.label).toLowerCase()}` });
+          measurement.structureNamed = true;
+        }
+        if (!measurement.coords || measurement.coords.length === 0) {
+          measurement.coords = [{}];
+        }
+        return measurement;
+      },
+    },
+  },
   showStudyList: true,
   // Orthanc's /dicom-web has no CORS headers and needs none here: everything is same-origin.
   showWarningMessageForCrossOrigin: false,

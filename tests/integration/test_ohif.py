@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -75,6 +77,41 @@ def test_ohif_overlay_has_the_nodes_volume(stack: LocalStack, browser_result: di
     assert match, browser_result["seg_anterior_stats"][-2000:]
     shown = float(match.group(1).replace(",", ""))
     assert abs(shown - expected) <= 0.05 * expected, (shown, expected)
+
+
+def _sr_locations(stack: LocalStack) -> dict[str, int]:
+    """Tracking identifier -> Instance Number of the source image its planar ROI outlines."""
+    sr_series = result_series(stack.orthanc, stack.study_uid)["SR"]  # type: ignore[attr-defined]
+    (instance,) = [i["ID"] for i in stack.orthanc.instances(sr_series)]
+    _, _, body = get(f"{stack.orthanc.base_url}/instances/{instance}/file")
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(body)), copy=False).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    numbers = {str(ds.SOPInstanceUID): int(ds.InstanceNumber)
+               for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in (STUDY1 / "13_HCropVolume").glob("*.dcm"))}
+    locations = {}
+    for group in report.get_planar_roi_measurement_groups():
+        (image,) = group.roi.ContentSequence
+        locations[group.tracking_identifier] = numbers[str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+    return locations
+
+
+def test_ohif_shows_each_sr_measurement_on_its_image(stack: LocalStack, browser_result: dict[str, Any]) -> None:
+    """Opening the SR, OHIF labels every volume with its structure, on the image the SR outlines."""
+    job = next(j for j in stack.node.ledger().job_rows() if j["state"] == "done")
+    measurements = job["summary"]["measurements"]
+    assert len(measurements) == 3
+    locations = _sr_locations(stack)
+    shown = {}
+    for step in browser_result["sr_steps"]:
+        (label,) = step["labels"]  # one measurement at a time
+        shown[label] = int(re.search(r"\bI:(\d+) \(", step["viewport"]).group(1))  # type: ignore[union-attr]
+        assert "HippoCrop" in step["viewport"]
+    for measurement in measurements:
+        tracked = measurement["structure"] or "whole series"
+        label = f"{tracked[0].upper()}{tracked[1:]} volume: {measurement['value']:.2f} mm3"
+        assert label in shown, (label, sorted(shown))
+        assert shown[label] == locations[tracked], (label, shown[label], locations)
+    assert (ARTIFACTS / "ohif_sr_1.png").stat().st_size > 10_000
 
 
 def test_proxy_serves_the_viewer_with_client_routes_and_wasm(stack: LocalStack) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from matplotlib.path import Path as MplPath
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
@@ -47,6 +48,7 @@ def _build(
     findings: tuple[Finding, ...],
     segmentation: Dataset | None,
     identity: Identity,
+    label_map: np.ndarray | None = None,
 ) -> Dataset:
     return build_measurement_report(
         source_images,
@@ -54,6 +56,7 @@ def _build(
         measurements,
         findings,
         segmentation=segmentation,
+        label_map=label_map,
         procedure_reported=MR_BRAIN,
         tracking_seed=SEED,
         series_instance_uid=hd.UID(),
@@ -131,6 +134,51 @@ def test_report_valid_and_references_segments(
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LABEL_SCHEME
 
 
+def test_each_structure_is_outlined_where_it_is_largest(
+    tmp_path: Path,
+    source_images: list[Dataset],
+    label_map: np.ndarray,
+    structures: tuple[Structure, ...],
+    measurements: tuple[Measurement, ...],
+    findings: tuple[Finding, ...],
+    segmentation: Dataset,
+    identity: Identity,
+    dciodvfy: Callable[[Path], list[str]],
+) -> None:
+    """Planar ROI groups locate each tracked structure on a source image (what OHIF shows)."""
+    path = tmp_path / "sr-outlined.dcm"
+    sr = _build(source_images, structures, measurements, findings, segmentation, identity, label_map)
+    sr.save_as(path)
+    assert dciodvfy(path) == []
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    whole_series = report.get_image_measurement_groups()[0]
+    planar = report.get_planar_roi_measurement_groups()
+    # The same tracked entities as the measured groups, in the same order.
+    assert [(g.tracking_identifier, g.tracking_uid) for g in planar] == [
+        (g.tracking_identifier, g.tracking_uid) for g in [*volumetric, whole_series]
+    ]
+    masks = [label_map == s.label for s in structures] + [label_map > 0]
+    uids = [str(ds.SOPInstanceUID) for ds in source_images]
+    for group, mask in zip(planar, masks, strict=True):
+        assert group.get_measurements() == []  # the volumes stay in the volumetric groups
+        region = group.roi
+        assert region is not None and region.GraphicType == "POLYLINE"
+        points = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1])  # closed
+        (image,) = region.ContentSequence
+        assert image.RelationshipType == "SELECTED FROM"
+        index = uids.index(str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        areas = mask.sum(axis=(1, 2))
+        assert areas[index] == areas.max()  # the largest cross-section
+        # The outline encloses exactly the structure's pixels on that slice.
+        rows, columns = np.indices(mask.shape[1:])
+        centres = np.column_stack([columns.ravel() + 0.5, rows.ravel() + 0.5])
+        inside = MplPath(points).contains_points(centres).reshape(mask.shape[1:])
+        assert np.array_equal(inside, mask[index])
+
+
 def test_tracking_uids_are_deterministic(
     source_images: list[Dataset],
     structures: tuple[Structure, ...],
@@ -189,3 +237,6 @@ def test_inconsistent_inputs_are_rejected(
         _build(source_images, structures[::-1], measurements, (), segmentation, identity)
     with pytest.raises(ValueError, match="nothing to report"):
         _build(source_images, (), (), (), None, identity)
+    with pytest.raises(ValueError, match="label map has 3 slices for 32 source images"):
+        _build(source_images, structures, measurements, (), segmentation, identity,
+               np.zeros((3, 8, 8), dtype=np.uint8))

@@ -1,8 +1,9 @@
 // Drive OHIF 3.13 in the system's headless Chromium for tests/integration/test_ohif.py.
 //
-// Usage: node ohif.js BASE_URL STUDY_UID OUT_DIR [SEG_SERIES_DESCRIPTION [REPORT_SERIES_DESCRIPTION]]
-// Opens the study list, then the study in the viewer; loads the node's SEG over its source series
-// and opens the Secondary Capture report; saves screenshots ohif_*.png in OUT_DIR and prints one JSON object
+// Usage: node ohif.js BASE_URL STUDY_UID OUT_DIR [SEG_DESCRIPTION [REPORT_DESCRIPTION [SR_DESCRIPTION]]]
+// Opens the study list, then the study in the viewer; loads the node's SEG over its source series,
+// opens the Secondary Capture report, then the SR and steps through its measurements; saves
+// screenshots ohif_*.png in OUT_DIR and prints one JSON object
 // with what the page showed (the test asserts on it). Never downloads a browser: it launches
 // /usr/bin/chromium (Debian package chromium) with the flags that keep it off the network.
 'use strict';
@@ -47,7 +48,8 @@ async function answerPrompt(page, question, timeoutMs = 15000) {
 
 async function main() {
   const [base, studyUid, outDir, segSeries = 'Hippocampus volumetry segmentation',
-    reportSeries = 'Hippocampus volumetry report'] = process.argv.slice(2);
+    reportSeries = 'Hippocampus volumetry report',
+    srSeries = 'Hippocampus volumetry measurements'] = process.argv.slice(2);
   if (!base || !studyUid || !outDir) {
     throw new Error('usage: node ohif.js BASE_URL STUDY_UID OUT_DIR');
   }
@@ -103,16 +105,30 @@ async function main() {
     await page.screenshot({ path: path.join(outDir, 'ohif_seg_anterior.png') });
     mark('seg');
 
-    // 4. The Secondary Capture report (volumes in mm3) in the viewport. The SR is listed but not
-    // opened: OHIF 3.13 displays TID 1500 planar (SCOORD) measurements only, and fails on
-    // volumetric ones that reference SEG segments (cornerstone-dicom-sr
-    // _checkIfCanAddMeasurementsToDisplaySet reads an image ReferencedSOPSequence).
+    // 4. The Secondary Capture report (volumes in mm3) in the viewport.
     await page.locator('[data-cy="study-browser-thumbnail"]', { hasText: reportSeries }).dblclick();
     await page.locator('[data-cy="viewport-pane"]', { hasText: reportSeries }).first().waitFor();
     await page.waitForTimeout(2000);
     result.report_viewport = text(await page.locator('[data-cy="viewport-pane"]').first().innerText());
     await page.screenshot({ path: path.join(outDir, 'ohif_report.png') });
     mark('report');
+
+    // 5. The SR: OHIF shows each measurement on the image its planar ROI outlines, labelled
+    // with its value; the viewport's arrows step from one measurement to the next.
+    await seriesButton(page, srSeries).dblclick();
+    const viewport = page.locator('[data-cy="viewport-pane"]').first();
+    await viewport.locator('svg text', { hasText: 'mm3' }).first().waitFor();
+    result.sr_steps = [];
+    for (let step = 0; step < 4; step++) {
+      await page.waitForTimeout(1000);
+      result.sr_steps.push({
+        labels: (await viewport.locator('svg text').allTextContents()).map(text).filter((t) => t),
+        viewport: text(await viewport.innerText()),
+      });
+      await page.screenshot({ path: path.join(outDir, `ohif_sr_${step + 1}.png`) });
+      await page.locator('[data-cy="viewport-action-arrows-right"]').click();
+    }
+    mark('sr');
   } catch (error) {
     await page.screenshot({ path: path.join(outDir, 'ohif_failure.png') }).catch(() => {});
     process.stderr.write(`page text at failure: ${text(await page.locator('body').innerText().catch(() => ''))}\n`);
