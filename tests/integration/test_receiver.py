@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +169,14 @@ def test_address_allow_list(tmp_path: Path) -> None:
         server.stop()
     assert result.returncode != 0
     assert server.counters.stored == 0
+
+
+def test_contexts_share_transfer_syntax_uids_so_each_association_copies_them_cheaply(tmp_path: Path) -> None:
+    """pynetdicom deep-copies the contexts per association: shared UIDs are copied once."""
+    contexts = make_scp(tmp_path).build_ae().supported_contexts
+    syntaxes = [uid for context in contexts for uid in context.transfer_syntax]
+    assert len(contexts) > 150 and len(syntaxes) > 5000
+    assert len({id(uid) for uid in syntaxes}) == len(set(syntaxes))  # one object per syntax
+    copied = copy.deepcopy(contexts)
+    assert [c.transfer_syntax for c in copied] == [c.transfer_syntax for c in contexts]
+    assert len({id(uid) for c in copied for uid in c.transfer_syntax}) == len(set(syntaxes))
