@@ -66,6 +66,7 @@ class NodeSettings(_Frozen):
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     min_free_disk_bytes: Annotated[int, Field(ge=0)] = 500_000_000
     fsync: bool = True
+    retention_days: Annotated[float, Field(ge=0)] = 7.0
 
 
 class GroupingSettings(_Frozen):

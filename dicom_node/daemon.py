@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 #: Jobs that crashed their worker this many times fail instead of crashing it again.
 MAX_JOB_ATTEMPTS = 3
 
+#: How often the scheduling loop applies the spool retention (``node.retention_days``).
+PURGE_INTERVAL_S = 600.0
+
 
 def job_line(job: dict[str, Any], study: dict[str, Any] | None, outcome: str) -> str:
     """Return the one canonical log line of a finished job: ids, stage timings, outcome."""
@@ -131,6 +134,7 @@ class Node:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
+        self._next_purge_at = 0.0
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -213,8 +217,14 @@ class Node:
     # -- scheduling ------------------------------------------------------------------
 
     def step(self) -> None:
-        """Complete due studies, hand queued jobs to idle workers, record finished jobs."""
+        """Complete due studies, hand queued jobs to idle workers, record finished jobs.
+
+        Every :data:`PURGE_INTERVAL_S` it also applies the spool retention.
+        """
         self.tracker.tick()
+        if self.clock() >= self._next_purge_at:
+            self._next_purge_at = self.clock() + PURGE_INTERVAL_S
+            self.purge_expired()
         pool = self.pool
         if pool is None:
             return
@@ -230,6 +240,30 @@ class Node:
             if spec is None:
                 continue
             pool.submit(spec)
+
+    def purge_expired(self) -> int:
+        """Delete the instances of studies idle for ``node.retention_days``; return how many studies.
+
+        Results, ``result.json`` and the ledger's history stay. Files go first, then the
+        ledger rows: a crash in between leaves rows whose files are gone, purged again on
+        the next pass, never files without rows, which start-up recovery would take for
+        newly received instances and analyse again.
+        """
+        days = self.config.node.retention_days
+        if days <= 0:
+            return 0
+        purged = 0
+        for study_uid in self.ledger.studies_to_purge(self.clock() - days * 86400.0):
+            try:
+                self.spool.remove_study(study_uid)
+            except (OSError, ValueError) as exc:
+                logger.error("retention: cannot delete study %s from the spool: %s", study_uid, exc)
+                continue
+            count = self.ledger.forget_instances(study_uid, self.clock())
+            purged += 1
+            logger.info("retention: study %s removed from the spool (%d instances, idle for %g days)",
+                        study_uid, count, days)
+        return purged
 
     def _spec(self, job: dict[str, Any]) -> JobSpec | None:
         paths = self.ledger.instance_paths(job["series_uid"])

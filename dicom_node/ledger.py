@@ -172,8 +172,8 @@ class Ledger:
             elif study["state"] == "complete":
                 db.execute(
                     "UPDATE studies SET state = 'receiving', generation = generation + 1,"
-                    " first_received_at = ?, last_received_at = ?, completed_at = NULL"
-                    " WHERE study_uid = ?",
+                    " first_received_at = ?, last_received_at = ?, completed_at = NULL,"
+                    " purged_at = NULL WHERE study_uid = ?",
                     (now, now, record.study_uid),
                 )
             else:
@@ -330,6 +330,39 @@ class Ledger:
             "SELECT * FROM studies WHERE study_uid = ?", (study_uid,)
         ).fetchone()
         return dict(row) if row is not None else None
+
+    def studies_to_purge(self, before: float) -> list[str]:
+        """Return studies whose instances may leave the spool: idle since ``before``.
+
+        A study qualifies when it is complete, received nothing and finished no job since
+        ``before``, has no job queued or running and no delivery pending, and still has
+        instances. Failed jobs and dead deliveries do not hold a study back.
+        """
+        rows = self._connection().execute(
+            "SELECT study_uid FROM studies s WHERE state = 'complete'"
+            " AND last_received_at <= :before AND coalesce(completed_at, 0) <= :before"
+            " AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid"
+            "   AND (j.state IN ('queued', 'running') OR coalesce(j.finished_at, 0) > :before))"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.id"
+            "   WHERE j.study_uid = s.study_uid AND d.state = 'pending')"
+            " ORDER BY last_received_at",
+            {"before": before},
+        ).fetchall()
+        return [row["study_uid"] for row in rows]
+
+    def forget_instances(self, study_uid: str, now: float) -> int:
+        """Drop a purged study's instances and series; keep the study, jobs and deliveries.
+
+        The study stays complete, with ``purged_at`` set, so that an instance arriving
+        later opens a new generation like any late instance. Returns how many instances
+        were dropped.
+        """
+        with self.transaction() as db:
+            dropped = db.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,)).rowcount
+            db.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
+            db.execute("UPDATE studies SET purged_at = ? WHERE study_uid = ?", (now, study_uid))
+            return int(dropped)
 
     # -- jobs ------------------------------------------------------------------------
 

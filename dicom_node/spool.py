@@ -75,9 +75,22 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def remove_study(self, study_uid: str) -> None:
-        """Delete a study's files (used by retention clean-up)."""
-        if is_valid_uid(study_uid):
-            shutil.rmtree(self.root / study_uid, ignore_errors=True)
+        """Delete a study's files (retention clean-up); a missing folder is fine.
+
+        Raises
+        ------
+        ValueError
+            If ``study_uid`` is not a valid UID (it could name a path outside the spool).
+        OSError
+            If a file cannot be deleted: the caller must then keep its ledger rows.
+        """
+        if not is_valid_uid(study_uid):
+            raise ValueError(f"invalid UID {study_uid!r}")
+        folder = self.root / study_uid
+        if folder.exists():
+            shutil.rmtree(folder)
+            if self.fsync:
+                _fsync_dir(self.root)
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a crash mid-write; return how many."""

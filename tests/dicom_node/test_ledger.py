@@ -140,3 +140,50 @@ def test_study_is_not_completed_on_a_stale_plan(ledger: Ledger) -> None:
     assert study is not None and study["state"] == "receiving"
     assert ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")],
                                  instances_seen=2)
+
+
+def test_only_idle_studies_are_purged(ledger: Ledger) -> None:
+    ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
+    assert ledger.studies_to_purge(before=1000.0) == []  # still receiving
+    ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
+    assert ledger.studies_to_purge(before=1000.0) == []  # its job is queued
+    job = ledger.claim_next_job(111.0, ["hippocampus"])
+    assert job is not None
+    assert ledger.studies_to_purge(before=1000.0) == []  # running
+    ledger.finish_job(job["id"], 200.0, state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
+    assert ledger.studies_to_purge(before=1000.0) == []  # its result is not sent yet
+    (delivery,) = ledger.due_deliveries(200.0)
+    ledger.delivery_failed(delivery["id"], 201.0, "connection refused", retry_at=None)  # dead
+    assert ledger.studies_to_purge(before=199.0) == []  # a job finished after the cut-off
+    assert ledger.studies_to_purge(before=200.0) == ["1.2"]
+
+    assert ledger.forget_instances("1.2", now=300.0) == 1
+    assert ledger.series_of_study("1.2") == [] and ledger.recorded_paths() == set()
+    study = ledger.study("1.2")
+    assert study is not None and study["purged_at"] == 300.0 and study["state"] == "complete"
+    assert ledger.studies_to_purge(before=1000.0) == []  # nothing left to purge
+    assert ledger.job(job["uid"]) is not None  # the history stays
+
+    # A late instance after the purge opens a new generation, as any late instance does.
+    assert ledger.record_instance(record("1.2.3.9", 400.0), SERIES)
+    study = ledger.study("1.2")
+    assert study is not None and study["generation"] == 2 and study["purged_at"] is None
+    (info,) = ledger.series_of_study("1.2")
+    assert info.instance_count == 1
+
+
+def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.ledger_schema import SCHEMA
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    version_3 = SCHEMA.replace(",\n    purged_at REAL", "")
+    assert version_3 != SCHEMA
+    db.executescript(version_3)
+    db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom')")
+    db.commit()
+    db.close()
+    study = Ledger(path).study("1.2")
+    assert study is not None and study["purged_at"] is None and study["completed_at"] == 3.0
