@@ -1,7 +1,8 @@
 """Receive throughput of the node's Storage SCP against DCMTK storescp and Orthanc, same files, same sender.
 
 Prints MB/s per receiver and the node's ratios against the references measured in the same run.
-Not part of the test suite. Run from the repository root:
+A fourth receiver, pynetdicom-noop (benchmarks/noop_scp.py), answers every C-STORE without
+storing anything: the ceiling of any pynetdicom-based SCP here. Not part of the test suite. Run from the repository root:
 
     .venv/bin/python -m benchmarks.receive_throughput [--repeats 3] [--ct-slices 300]
 """
@@ -115,6 +116,24 @@ def storescp_receiver() -> Receiver:
     return Receiver("storescp", "STORESCP", start, stop)
 
 
+def noop_receiver() -> Receiver:
+    """pynetdicom with the node's set-up, acknowledging without storing: any pynetdicom SCP's ceiling."""
+    state: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(work: Path) -> int:
+        port = free_port()
+        state["p"] = subprocess.Popen([sys.executable, "-m", "benchmarks.noop_scp", str(port)], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", port, 30)
+        return port
+
+    def stop() -> None:
+        state["p"].terminate()
+        state["p"].wait()
+
+    return Receiver("pynetdicom-noop", "NOOPSCP", start, stop)
+
+
 def orthanc_receiver() -> Receiver:
     state: dict[str, OrthancProcess] = {}
 
@@ -152,14 +171,14 @@ def main() -> int:
             f"CT {args.ct_slices}x512x512": make_ct(root / "ct", args.ct_slices),
             f"MR studies x{args.mr_copies}": make_mr_studies(root / "mr", args.mr_copies),
         }
-        receivers = [node_receiver(), storescp_receiver(), orthanc_receiver()]
-        print(f"{'files':<22} {'assoc':>5} " + " ".join(f"{r.name:>11}" for r in receivers)
-              + "   node/storescp  node/orthanc   (MB/s, median of %d)" % args.repeats)
+        receivers = [node_receiver(), storescp_receiver(), orthanc_receiver(), noop_receiver()]
+        print(f"{'files':<22} {'assoc':>5} " + " ".join(f"{r.name:>15}" for r in receivers)
+              + "   node/storescp  node/orthanc  noop/storescp   (MB/s, median of %d)" % args.repeats)
         for label, files in datasets.items():
             megabytes = sum(p.stat().st_size for p in files) / 1e6
             for associations in (1, 4):
                 rates: dict[str, list[float]] = {r.name: [] for r in receivers}
-                ratios: dict[str, list[float]] = {"storescp": [], "orthanc": []}
+                ratios: dict[str, list[float]] = {"storescp": [], "orthanc": [], "noop": []}
                 for repeat in range(args.repeats):
                     round_rates = {}
                     for receiver in receivers:  # interleaved, so drift hits all alike
@@ -174,10 +193,12 @@ def main() -> int:
                         rates[receiver.name].append(megabytes / seconds)
                     ratios["storescp"].append(round_rates["dicom-node"] / round_rates["storescp"])
                     ratios["orthanc"].append(round_rates["dicom-node"] / round_rates["orthanc"])
+                    ratios["noop"].append(round_rates["pynetdicom-noop"] / round_rates["storescp"])
                 print(f"{label:<22} {associations:>5} "
-                      + " ".join(f"{statistics.median(rates[r.name]):>11.1f}" for r in receivers)
+                      + " ".join(f"{statistics.median(rates[r.name]):>15.1f}" for r in receivers)
                       + f"   {statistics.median(ratios['storescp']):>13.2f}"
-                      f"  {statistics.median(ratios['orthanc']):>12.2f}", flush=True)
+                      f"  {statistics.median(ratios['orthanc']):>12.2f}"
+                      f"  {statistics.median(ratios['noop']):>13.2f}", flush=True)
     return 0
 
 
