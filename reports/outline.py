@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +28,16 @@ class SliceOutline:
         first.
     pixels
         Number of pixels inside the outline (its area in pixels, exactly).
+    mismatch
+        Pixels on which the outline and the section disagree (parts left outside, holes
+        enclosed), as a fraction of the section's pixels: 0.0 when the section is one
+        part without holes.
     """
 
     slice_index: int
     points: np.ndarray
     pixels: int
+    mismatch: float
 
 
 def _largest_part(section: np.ndarray) -> np.ndarray:
@@ -85,22 +91,27 @@ def _trace(region: np.ndarray) -> np.ndarray:
     return corners
 
 
-def outline_largest_section(mask: np.ndarray) -> SliceOutline | None:
+def outline_largest_section(mask: np.ndarray, max_mismatch: float = math.inf) -> SliceOutline | None:
     """Outline `mask` on the slice with the most of its pixels.
 
     On that slice the largest 4-connected part of the region is outlined, holes filled,
-    along the edges of its pixels: it is where a reader looks for the structure. The
-    outline encloses exactly those pixels, so its area in pixels is exact.
+    along the edges of its pixels. The outline encloses exactly those pixels, so its area
+    in pixels is exact. A section in several parts or with holes (a ring of fat, muscles
+    on both sides) has no outline that is faithful to it: `max_mismatch` bounds how much
+    the outline may disagree with the section.
 
     Parameters
     ----------
     mask
         Boolean (or 0/1) array of shape ``(slices, rows, columns)``.
+    max_mismatch
+        Largest accepted :attr:`SliceOutline.mismatch` (default: any).
 
     Returns
     -------
     SliceOutline | None
-        The outline, or ``None`` when the mask is empty.
+        The outline, or ``None`` when the mask is empty or the outline disagrees with the
+        section by more than `max_mismatch`.
 
     Raises
     ------
@@ -114,5 +125,10 @@ def outline_largest_section(mask: np.ndarray) -> SliceOutline | None:
     if counts.size == 0 or counts.max() == 0:
         return None
     index = int(np.argmax(counts))  # the first of equally large sections
-    region = _largest_part(mask[index])
-    return SliceOutline(slice_index=index, points=_trace(region), pixels=int(region.sum()))
+    section = mask[index]
+    region = _largest_part(section)
+    mismatch = float(np.count_nonzero(region != section)) / float(counts[index])
+    if mismatch > max_mismatch:
+        return None
+    return SliceOutline(slice_index=index, points=_trace(region), pixels=int(region.sum()),
+                        mismatch=mismatch)

@@ -21,6 +21,10 @@ from reports.identity import (
 from reports.outline import outline_largest_section
 from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
 
+#: A structure is outlined only where one outline is faithful to it: at most this fraction of
+#: its pixels on that slice may lie outside the outline or be holes inside it.
+MAX_OUTLINE_MISMATCH = 0.1
+
 logger = logging.getLogger(__name__)
 
 #: Private coding scheme for classification labels, which analyses give as plain
@@ -66,8 +70,8 @@ def _probability_code(class_name: str) -> hd.sr.CodedConcept:
 def _key_slice_region(
     mask: np.ndarray, source_images: Sequence[Dataset]
 ) -> hd.sr.ImageRegion | None:
-    """The outline of `mask` on the source image where it is largest, or ``None`` if empty."""
-    outline = outline_largest_section(mask)
+    """The outline of `mask` where it is largest; ``None`` if empty or not one compact region."""
+    outline = outline_largest_section(mask, MAX_OUTLINE_MISMATCH)
     if outline is None:
         return None
     return hd.sr.ImageRegion(
@@ -192,12 +196,17 @@ def build_location_groups(
     """Build one planar ROI group (TID 1410) per structure: where it is largest.
 
     Each group outlines its structure on the source image where the structure's
-    cross-section is largest (the largest part there, along its pixels' edges) and
-    carries the tracking identifier and UID of the structure's volumetric group, so
-    that it tracks the same structure. It holds no measurements of its own: the
-    segment defines the structure and the volumetric group holds its measurements.
-    Viewers that place measurements on images use it to show them; OHIF, which
-    merges groups by tracking UID, lists only measurements that have such an outline.
+    cross-section is largest (along its pixels' edges) and carries the tracking
+    identifier and UID of the structure's volumetric group, so that it tracks the same
+    structure. It holds no measurements of its own: the segment defines the structure
+    and the volumetric group holds its measurements. Viewers that place measurements on
+    images use it to show them; OHIF, which merges groups by tracking UID, shows only
+    measurements that have such an outline.
+
+    A structure whose largest section is not one compact region (several parts, or
+    holes: a ring of subcutaneous fat, muscles on both sides of the spine) gets no
+    group, since no single outline would show it faithfully (see
+    :data:`MAX_OUTLINE_MISMATCH`); its SEG segment shows it.
 
     Parameters
     ----------

@@ -85,3 +85,21 @@ def test_empty_and_malformed_masks() -> None:
     assert outline_largest_section(np.zeros((3, 5, 5), dtype=bool)) is None
     with pytest.raises(ValueError, match="expected a"):
         outline_largest_section(np.zeros((5, 5), dtype=bool))
+
+
+def test_no_outline_where_none_is_faithful() -> None:
+    ring = np.zeros((1, 40, 40), dtype=bool)
+    ring[0, 5:35, 5:35] = True
+    ring[0, 9:31, 9:31] = False  # subcutaneous fat around the abdomen
+    assert outline_largest_section(ring, max_mismatch=0.1) is None
+    full = outline_largest_section(ring)  # filled, it would enclose the whole abdomen
+    assert full is not None and full.mismatch == pytest.approx(22 * 22 / (30 * 30 - 22 * 22))
+    halves = np.zeros((1, 20, 40), dtype=bool)
+    halves[0, 5:15, 2:18] = True
+    halves[0, 5:15, 22:36] = True  # muscles on both sides
+    assert outline_largest_section(halves, max_mismatch=0.1) is None
+    speck = np.zeros((1, 20, 20), dtype=bool)
+    speck[0, 2:18, 2:18] = True
+    speck[0, 0, 19] = True  # one stray pixel does not matter
+    outline = outline_largest_section(speck, max_mismatch=0.1)
+    assert outline is not None and outline.mismatch == pytest.approx(1 / 257)

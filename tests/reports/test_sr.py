@@ -179,6 +179,26 @@ def test_each_structure_is_outlined_where_it_is_largest(
         assert np.array_equal(inside, mask[index])
 
 
+def test_a_structure_no_single_outline_shows_gets_no_location(
+    source_images: list[Dataset],
+    label_map: np.ndarray,
+    structures: tuple[Structure, ...],
+    measurements: tuple[Measurement, ...],
+    segmentation: Dataset,
+    identity: Identity,
+) -> None:
+    ringed = label_map.copy()
+    ringed[label_map == 2] = 0
+    ringed[14:20, 26:36, 10:26] = 2
+    ringed[14:20, 28:34, 12:24] = 0  # the posterior structure is now a ring on every slice
+    sr = _build(source_images, structures, measurements, (), segmentation, identity, ringed)
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    planar = report.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in planar] == [structures[0].name]
+    assert len(report.get_volumetric_roi_measurement_groups()) == 2  # the volumes are all there
+
+
 def test_tracking_uids_are_deterministic(
     source_images: list[Dataset],
     structures: tuple[Structure, ...],
