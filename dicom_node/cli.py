@@ -141,8 +141,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"Studies ({len(studies)} shown)")
     for st in studies:
+        purged = ""
+        if st["purged_at"] is not None:
+            purged = time.strftime("  images deleted %Y-%m-%d %H:%M (retention)",
+                                   time.localtime(st["purged_at"]))
         print(f"  {st['study_uid']}  {st['state']:<9} generation {st['generation']}"
-              f"  {st['instance_count']} instance(s)")
+              f"  {st['instance_count']} instance(s){purged}")
     print(f"Jobs ({len(jobs)} shown)")
     for job in jobs:
         sent = ", ".join(f"{d['destination']}:{d['state']}" for d in job["deliveries"]) or "-"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.cli import main
 from dicom_node.config import NodeConfig
 from dicom_node.daemon import Node, recover_spool
 from dicom_node.ledger import PlannedJob
@@ -44,7 +45,8 @@ def receive_and_finish(node: Node, clock: FakeClock) -> tuple[str, list[Path]]:
     return study_uid, paths
 
 
-def test_an_idle_study_leaves_the_spool_and_is_not_recovered(tmp_path: Path) -> None:
+def test_an_idle_study_leaves_the_spool_and_is_not_recovered(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     clock = FakeClock()
     node = make_node(tmp_path, clock)
     study_uid, paths = receive_and_finish(node, clock)
@@ -57,6 +59,8 @@ def test_an_idle_study_leaves_the_spool_and_is_not_recovered(tmp_path: Path) -> 
     study = node.ledger.study(study_uid)
     assert study is not None and study["purged_at"] == clock()
     assert node.ledger.job_rows()[0]["state"] == "done"  # the history stays
+    assert main(["status", "--data-dir", str(tmp_path)]) == 0
+    assert f"{study_uid}  complete  generation 1  0 instance(s)  images deleted " in capsys.readouterr().out
     # A restart finds nothing to re-record: the study is not analysed again.
     assert recover_spool(node.spool, node.ledger, clock()) == 0
     assert node.purge_expired() == 0
@@ -97,3 +101,18 @@ def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
     clock.advance(1000 * DAY_S)
     assert node.purge_expired() == 0
     assert all(p.is_file() for p in paths)
+
+
+def test_retrying_a_job_of_a_purged_study_fails_with_the_reason(tmp_path: Path) -> None:
+    clock = FakeClock()
+    node = make_node(tmp_path, clock)
+    receive_and_finish(node, clock)
+    clock.advance(8 * DAY_S)
+    assert node.purge_expired() == 1
+    (job,) = node.ledger.job_rows()
+    assert node.ledger.retry_job(job["uid"])
+    claimed = node.ledger.claim_next_job(clock(), ["hippocampus"])
+    assert claimed is not None and node._spec(claimed) is None
+    failed = node.ledger.job(job["uid"])
+    assert failed is not None and failed["state"] == "failed"
+    assert "deleted from the spool by retention" in failed["reason"]
