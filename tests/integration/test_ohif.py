@@ -103,7 +103,7 @@ def test_ohif_shows_each_sr_measurement_on_its_image(stack: LocalStack, browser_
     locations = _sr_locations(stack)
     shown = {}
     for step in browser_result["sr_steps"]:
-        (label,) = step["labels"]  # one measurement at a time
+        (label,) = step["labels"]  # one measurement at a time, each drawn
         shown[label] = int(re.search(r"\bI:(\d+) \(", step["viewport"]).group(1))  # type: ignore[union-attr]
         assert "HippoCrop" in step["viewport"]
     for measurement in measurements:

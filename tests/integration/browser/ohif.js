@@ -98,6 +98,9 @@ async function main() {
     await page.screenshot({ path: path.join(outDir, 'ohif_seg.png') });
     // The segment's centre: OHIF jumps there when the segment is clicked in the panel.
     await page.getByText('Hippocampus anterior').first().click();
+    // OHIF computes the segment's statistics after the jump; wait for them (slow on a busy CPU).
+    await page.waitForFunction(() => /Hippocampus anterior[\s\S]*?Volume\s*[\d,.]+\s*mm/.test(document.body.innerText),
+      null, { timeout: 30000 }).catch(() => {});
     await page.waitForTimeout(1500);
     result.seg_anterior_viewport = text(await page.locator('[data-cy="viewport-pane"]').first().innerText());
     // The segment's statistics as OHIF computes them from the labelmap it decoded.
@@ -114,19 +117,29 @@ async function main() {
     mark('report');
 
     // 5. The SR: OHIF shows each measurement on the image its planar ROI outlines, labelled
-    // with its value; the viewport's arrows step from one measurement to the next.
+    // with its value; the viewport's arrows step from one measurement to the next. OHIF draws an
+    // SR's annotations when the viewport renders again: each step moves to the next measurement,
+    // then moves the mouse over the viewport until the label is drawn.
     await seriesButton(page, srSeries).dblclick();
     const viewport = page.locator('[data-cy="viewport-pane"]').first();
-    await viewport.locator('svg text', { hasText: 'mm3' }).first().waitFor();
+    await viewport.locator('[data-cy="viewport-action-arrows-right"]').waitFor();
+    const box = await viewport.boundingBox();
+    const labels = async () => (await viewport.locator('svg text').allTextContents())
+      .map(text).filter((t) => t.includes('mm3'));
     result.sr_steps = [];
+    let previous = null;
     for (let step = 0; step < 4; step++) {
-      await page.waitForTimeout(1000);
-      result.sr_steps.push({
-        labels: (await viewport.locator('svg text').allTextContents()).map(text).filter((t) => t),
-        viewport: text(await viewport.innerText()),
-      });
-      await page.screenshot({ path: path.join(outDir, `ohif_sr_${step + 1}.png`) });
       await page.locator('[data-cy="viewport-action-arrows-right"]').click();
+      let shown = await labels();
+      for (let attempt = 0; attempt < 30 && !(shown.length === 1 && shown[0] !== previous); attempt++) {
+        await page.mouse.move(box.x + box.width * (0.3 + 0.01 * attempt), box.y + box.height / 2);
+        await page.waitForTimeout(500);
+        shown = await labels();
+      }
+      await page.waitForTimeout(500);
+      result.sr_steps.push({ labels: await labels(), viewport: text(await viewport.innerText()) });
+      await page.screenshot({ path: path.join(outDir, `ohif_sr_${step + 1}.png`) });
+      previous = shown[0];
     }
     mark('sr');
   } catch (error) {
