@@ -97,41 +97,40 @@ class Receiver:
         self.name, self.called, self.start, self.stop = name, called, start, stop
 
 
-def storescp_receiver() -> Receiver:
+def process_receiver(name: str, called: str, command: Callable[[Path, int], list[str]],
+                     ready_s: float, cwd: Path | None = None) -> Receiver:
+    """A receiver run as one process listening on a free port, terminated after each round."""
     state: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(work: Path) -> int:
         port = free_port()
         work.mkdir(parents=True)
-        state["p"] = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(work), "--sort-on-study-uid", "st",
-                                       str(port)], env={**os.environ, **DCMTK_ENV},
+        state["p"] = subprocess.Popen(command(work, port), cwd=cwd, env={**os.environ, **DCMTK_ENV},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", port, 10)
+        wait_for_port("127.0.0.1", port, ready_s)
         return port
 
     def stop() -> None:
         state["p"].terminate()
         state["p"].wait()
 
-    return Receiver("storescp", "STORESCP", start, stop)
+    return Receiver(name, called, start, stop)
+
+
+def storescp_receiver() -> Receiver:
+    return process_receiver(
+        "storescp", "STORESCP",
+        lambda work, port: ["storescp", "-aet", "STORESCP", "-od", str(work), "--sort-on-study-uid", "st",
+                            str(port)],
+        ready_s=10)
 
 
 def noop_receiver() -> Receiver:
     """pynetdicom with the node's set-up, acknowledging without storing: any pynetdicom SCP's ceiling."""
-    state: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(work: Path) -> int:
-        port = free_port()
-        state["p"] = subprocess.Popen([sys.executable, "-m", "benchmarks.noop_scp", str(port)], cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", port, 30)
-        return port
-
-    def stop() -> None:
-        state["p"].terminate()
-        state["p"].wait()
-
-    return Receiver("pynetdicom-noop", "NOOPSCP", start, stop)
+    return process_receiver(
+        "pynetdicom-noop", "NOOPSCP",
+        lambda work, port: [sys.executable, "-m", "benchmarks.noop_scp", str(port)],
+        ready_s=30, cwd=REPO)
 
 
 def orthanc_receiver() -> Receiver:

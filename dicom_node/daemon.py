@@ -268,8 +268,8 @@ class Node:
     def _spec(self, job: dict[str, Any]) -> JobSpec | None:
         paths = self.ledger.instance_paths(job["series_uid"])
         missing = [p for p in paths if not p.exists()]
-        study = self.ledger.study(job["study_uid"])
-        if not paths and study is not None and study["purged_at"] is not None:
+        study = None if paths else self.ledger.study(job["study_uid"])
+        if study is not None and study["purged_at"] is not None:
             self._record_failure(job, "the study's images were deleted from the spool by retention"
                                       " (node.retention_days); send the study again")
             return None
