@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
 from dicom_node.config import SeriesNumbers  # noqa: E402
-from dicom_node.pipeline import JobSpec, build_results, identity_for, job_uids, order_like_volume  # noqa: E402
+from dicom_node.run.pipeline import JobSpec, build_results, identity_for, job_uids, order_like_volume  # noqa: E402
 from inference.bodycomp import classical  # noqa: E402
 from inference.bodycomp.analysis import AXIAL_AXCODES, BodyCompositionAnalysis, measure  # noqa: E402
 from inference.bodycomp.plots import plot_slice_selection  # noqa: E402

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node import status  # noqa: E402
 from dicom_node.config import NodeSettings  # noqa: E402
-from dicom_node.receiver import StorageSCP  # noqa: E402
+from dicom_node.receive.scp import StorageSCP  # noqa: E402
 
 
 def main() -> int:

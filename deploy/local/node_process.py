@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import dump_toml, merge
-from dicom_node.ledger import Ledger
+from dicom_node.state.ledger import Ledger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.config import SeriesNumbers
-from dicom_node.pipeline import JobSpec, run_job
+from dicom_node.run.pipeline import JobSpec, run_job
 from inference.base import Analysis, InputError
 from inference.bodycomp.analysis import CLASSICAL_METHOD, BodyCompositionAnalysis
 from inference.volume import load_series

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.cli_bodycomp import add_parsers
+from offline.bodycomp.commands import add_parsers
 from dicom_node.errors import ConfigError
 from inference.bodycomp.config import load_model_config
 from inference.bodycomp.segmentation import load_segmenter

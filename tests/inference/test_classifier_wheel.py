@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.cli_classifier import add_parsers
+from offline.classifier import add_parsers
 from tests.conftest import REPO, SHARED_DATA
 
 MSD = SHARED_DATA / "hippocampus-msd"
@@ -54,7 +54,7 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for package in ("dicom_node", "inference", "reports"):
+    for package in ("dicom_node", "inference", "reports", "offline"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
@@ -62,7 +62,7 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     wheel = next(dist.glob("dicom_node-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert "inference/classifier/__init__.py" in names and "dicom_node/cli_classifier.py" in names
+        assert "inference/classifier/__init__.py" in names and "offline/classifier.py" in names
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "classifier = inference.classifier.analysis:ClassifierAnalysis" in archive.read(entry_points).decode()
 

@@ -12,10 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.cli_classifier import add_parsers
+from offline.classifier import add_parsers
 from dicom_node.config import AnalysisSettings, SeriesNumbers
-from dicom_node.pipeline import JobSpec, run_job
-from dicom_node.plugins import create_analysis
+from dicom_node.run.pipeline import JobSpec, run_job
+from dicom_node.run.plugins import create_analysis
 from inference.base import InputError
 from inference.classifier import predict
 from inference.classifier.analysis import ClassifierAnalysis

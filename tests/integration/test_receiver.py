@@ -15,9 +15,9 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from dicom_node import status
 from dicom_node.config import NodeSettings
-from dicom_node.ledger import Ledger
-from dicom_node.receiver import StorageSCP
-from dicom_node.spool import Spool
+from dicom_node.state.ledger import Ledger
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.receive.spool import Spool
 from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA
 from deploy.local.orthanc_process import DCMTK_ENV, free_port
 

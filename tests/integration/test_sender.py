@@ -8,10 +8,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.cli import main
+from dicom_node.cli.main import main
 from dicom_node.config import Destination
 from dicom_node.errors import DeliveryFailed
-from dicom_node.sender import backoff_s, echo, send_files
+from dicom_node.deliver.sender import backoff_s, echo, send_files
 from tests.conftest import HIPPO_CROP_STUDY1
 from deploy.local.orthanc_process import StoreScpProcess, free_port
 

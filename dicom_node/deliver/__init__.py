@@ -1,0 +1,1 @@
+"""Deliver: results to their destinations, with retries and a dead-letter state."""

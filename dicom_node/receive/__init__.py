@@ -1,0 +1,1 @@
+"""Receive: the Storage SCP, the watch folder, ingest and the spool of instance files."""

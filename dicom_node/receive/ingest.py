@@ -1,0 +1,319 @@
+"""Put instances into the spool and the ledger: one path for C-STORE, the watch folder and HTTP jobs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import status
+from dicom_node.config import NodeSettings
+from dicom_node.errors import RejectedInstance
+from dicom_node.state.ledger import InstanceRecord, Ledger
+from dicom_node.receive.spool import Spool, is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+#: (FFFE,E0DD) Sequence Delimitation Item with length 0: the end of encapsulated pixel data.
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def raw_uid(ds: Dataset, keyword: str) -> str:
+    """Return a UID element's text as sent, without pydicom's value conversion.
+
+    The node checks UIDs itself (:func:`dicom_node.receive.spool.is_valid_uid`), with its own status
+    and reason; converting first would only warn about the same problem.
+    """
+    element = ds.get_item(keyword)
+    if element is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").rstrip("\x00 ")
+    return str(value or "")
+
+
+def series_attributes(ds: Dataset) -> dict[str, Any]:
+    """Return the series-level attributes selection rules look at, as ledger columns."""
+
+    def number(keyword: str) -> Any:
+        value = ds.get(keyword)
+        try:
+            return None if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            return None
+
+    def numbers(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        try:
+            return json.dumps([float(v) for v in value]) if value else None
+        except (TypeError, ValueError):
+            return None
+
+    frames = number("NumberOfFrames")
+    return {
+        "modality": str(ds.get("Modality", "")),
+        "description": str(ds.get("SeriesDescription", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "manufacturer": str(ds.get("Manufacturer", "")),
+        "rows": ds.get("Rows"),
+        "columns": ds.get("Columns"),
+        "orientation": numbers("ImageOrientationPatient"),
+        "pixel_spacing": numbers("PixelSpacing"),
+        "slice_thickness": number("SliceThickness"),
+        "number_of_frames": int(frames) if frames is not None else None,
+        "convolution_kernel": _joined(ds.get("ConvolutionKernel")),
+    }
+
+
+def _joined(value: Any) -> str:
+    """Return a text element that may be multi-valued as one string, values joined by backslashes."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
+
+
+@dataclass(frozen=True)
+class InstanceIds:
+    """The identifiers of an instance and its series attributes, read from its header."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series: dict[str, Any]
+
+
+def identify(ds: Dataset) -> InstanceIds:
+    """Read and check an instance's identifiers.
+
+    Raises
+    ------
+    RejectedInstance
+        ``CANNOT_UNDERSTAND`` if the header cannot be decoded, ``INVALID_IDENTIFIERS`` if a
+        Study, Series or SOP Instance UID is missing or invalid.
+    """
+    try:
+        ids = InstanceIds(
+            study_uid=raw_uid(ds, "StudyInstanceUID"),
+            series_uid=raw_uid(ds, "SeriesInstanceUID"),
+            sop_instance_uid=raw_uid(ds, "SOPInstanceUID"),
+            sop_class_uid=raw_uid(ds, "SOPClassUID"),
+            series=series_attributes(ds),
+        )
+    except Exception as exc:  # pydicom raises many types for corrupt data
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}") from exc
+    for keyword, uid in (
+        ("StudyInstanceUID", ids.study_uid),
+        ("SeriesInstanceUID", ids.series_uid),
+        ("SOPInstanceUID", ids.sop_instance_uid),
+    ):
+        if not is_valid_uid(uid):
+            problem = "missing" if not uid else f"invalid ({uid[:24]!r})"
+            raise RejectedInstance(status.INVALID_IDENTIFIERS, f"{keyword} is {problem}")
+    return ids
+
+
+def persist(
+    ids: InstanceIds,
+    parts: tuple[bytes | memoryview, ...],
+    *,
+    transfer_syntax_uid: str,
+    spool: Spool,
+    ledger: Ledger,
+    min_free_disk_bytes: int,
+    calling_ae_title: str,
+    received_at: float,
+    origin: str = "dicom",
+) -> InstanceRecord:
+    """Write an instance to the spool (atomic, fsynced) and record it in the ledger.
+
+    Raises
+    ------
+    RejectedInstance
+        ``OUT_OF_RESOURCES`` when the disk is full or the ledger cannot record it,
+        ``PROCESSING_FAILURE`` when the file cannot be written.
+    """
+    if spool.free_bytes() < min_free_disk_bytes:
+        raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full")
+    path = spool.path_for(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+    try:
+        spool.write(path, *parts)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RejectedInstance(status.OUT_OF_RESOURCES, "spool disk is full") from exc
+        raise RejectedInstance(
+            status.PROCESSING_FAILURE, f"cannot write instance: {exc.strerror}"
+        ) from exc
+    record = InstanceRecord(
+        sop_instance_uid=ids.sop_instance_uid,
+        series_uid=ids.series_uid,
+        study_uid=ids.study_uid,
+        sop_class_uid=ids.sop_class_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+        path=str(path),
+        size_bytes=sum(len(part) for part in parts),
+        calling_ae_title=calling_ae_title,
+        received_at=received_at,
+        origin=origin,
+    )
+    try:
+        ledger.record_instance(record, ids.series)
+    except Exception as exc:  # sqlite3 errors: disk full, locked beyond timeout
+        raise RejectedInstance(
+            status.OUT_OF_RESOURCES, f"cannot record instance in the ledger: {exc}"
+        ) from exc
+    return record
+
+
+def check_complete(ds: Dataset, data: bytes) -> None:
+    """Refuse a file whose pixel data is cut short (still being written, or a broken copy).
+
+    Native pixel data must be as long as Rows x Columns x samples x bits x frames says;
+    encapsulated pixel data must end with its sequence delimiter (PS3.5 A.4).
+
+    Raises
+    ------
+    RejectedInstance
+        ``CANNOT_UNDERSTAND`` naming how much is missing.
+    """
+    if "PixelData" not in ds:
+        return
+    if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_compressed:
+        if _SEQUENCE_DELIMITER not in data[-4096:]:
+            raise RejectedInstance(status.CANNOT_UNDERSTAND,
+                                   "encapsulated pixel data has no sequence delimiter (truncated)")
+        return
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"image attributes missing: {exc}") from exc
+    found = len(ds.PixelData)
+    if found < expected:
+        raise RejectedInstance(status.CANNOT_UNDERSTAND,
+                               f"pixel data is {found} bytes, {expected} expected (truncated)")
+
+
+def read_part10(path: Path) -> tuple[Dataset, bytes]:
+    """Read a DICOM Part 10 file: its data set (pixel data as bytes, not decoded) and raw bytes.
+
+    Raises
+    ------
+    RejectedInstance
+        ``CANNOT_UNDERSTAND`` if it is not a complete Part 10 file.
+    """
+    try:
+        data = path.read_bytes()
+        ds = pydicom.dcmread(BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, "no TransferSyntaxUID in the file meta")
+    check_complete(ds, data)
+    return ds, data
+
+
+@dataclass
+class IngestReport:
+    """What one ingest of files did: the records stored and the files refused, with reasons."""
+
+    stored: list[InstanceRecord] = field(default_factory=list)
+    rejected: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def study_uids(self) -> list[str]:
+        """The studies of the stored instances, in order of first appearance."""
+        return list(dict.fromkeys(r.study_uid for r in self.stored))
+
+
+class Ingestor:
+    """Stores DICOM files into the spool and ledger exactly as the Storage SCP stores instances.
+
+    Parameters
+    ----------
+    settings
+        The ``[node]`` section (free-space threshold).
+    counters
+        Where stored and rejected instances are counted (``ReceiveCounters``-like).
+    on_stored
+        Called with the study UID after each instance is recorded.
+    """
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        ledger: Ledger,
+        *,
+        counters: Any = None,
+        clock: Callable[[], float] = time.time,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.ledger = ledger
+        self.counters = counters
+        self.clock = clock
+        self.on_stored = on_stored
+
+    def ingest_file(self, path: Path, *, origin: str) -> InstanceRecord:
+        """Store one file; return its record.
+
+        Raises
+        ------
+        RejectedInstance
+            With the status a C-STORE would have answered and the reason.
+        """
+        try:
+            ds, data = read_part10(path)
+            ids = identify(ds)
+            record = persist(
+                ids, (data,), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                spool=self.spool, ledger=self.ledger,
+                min_free_disk_bytes=self.settings.min_free_disk_bytes,
+                calling_ae_title=f"({origin})", received_at=self.clock(), origin=origin,
+            )
+        except RejectedInstance as exc:
+            if self.counters is not None:
+                self.counters.add_rejected(status.describe(exc.status))
+            raise
+        if self.counters is not None:
+            self.counters.add_stored(record.size_bytes)
+        if self.on_stored is not None:
+            self.on_stored(record.study_uid)
+        return record
+
+    def ingest_tree(self, root: Path, *, origin: str) -> IngestReport:
+        """Store every file under ``root`` (hidden files skipped); refusals are reported, not raised."""
+        report = IngestReport()
+        for path in iter_files(root):
+            try:
+                report.stored.append(self.ingest_file(path, origin=origin))
+            except RejectedInstance as exc:
+                report.rejected.append((path, exc.reason))
+        logger.info("ingested %d instance(s) from %s (%s), %d refused",
+                    len(report.stored), root, origin, len(report.rejected))
+        return report
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Yield the regular files under ``root`` (or ``root`` itself), sorted, skipping hidden names."""
+    if root.is_file():
+        yield root
+        return
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            yield path

@@ -1,0 +1,1 @@
+"""Run: worker processes per device and the pipeline step from a series to result files."""

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one node: stage latencies, queue depths, instances received, job outcomes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dicom_node.state.ledger import Ledger
+
+logger = logging.getLogger(__name__)
+
+#: The stages of a job, as in the one-line job log.
+STAGES = ("receive", "wait", "queue", "load", "infer", "report", "send")
+#: Seconds: from a fast C-STORE of one instance to a slow model on a large study.
+BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _LedgerCollector(Collector):
+    """Queue depths and ingress counts read at scrape time, so they survive restarts."""
+
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[str, Any]]) -> None:
+        self.ledger = ledger
+        self.receive_counters = receive_counters
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.ledger.counts()
+        jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs in the ledger by state", labels=["state"])
+        for state in ("queued", "running", "done", "failed", "not_applicable", "superseded", "cancelled"):
+            jobs.add_metric([state], counts["jobs"].get(state, 0))
+        yield jobs
+        deliveries = GaugeMetricFamily("dicom_node_deliveries", "Deliveries by state", labels=["state"])
+        for state in ("pending", "sent", "dead", "superseded"):
+            deliveries.add_metric([state], counts["deliveries"].get(state, 0))
+        yield deliveries
+        depth = GaugeMetricFamily("dicom_node_queue_depth", "Work waiting, by queue", labels=["queue"])
+        depth.add_metric(["jobs"], counts["jobs"].get("queued", 0))
+        depth.add_metric(["deliveries"], counts["deliveries"].get("pending", 0))
+        depth.add_metric(["studies_receiving"], counts.get("studies", {}).get("receiving", 0))
+        yield depth
+        received = CounterMetricFamily(
+            "dicom_node_instances_received", "Instances stored since start, by way in", labels=["origin"]
+        )
+        rejected = CounterMetricFamily(
+            "dicom_node_instances_rejected", "Instances refused since start, by way in and reason",
+            labels=["origin", "reason"],
+        )
+        for origin, counters in self.receive_counters().items():
+            received.add_metric([origin], counters.stored)
+            for reason, count in dict(counters.rejected).items():
+                rejected.add_metric([origin, reason], count)
+        yield received
+        yield rejected
+
+
+class NodeMetrics:
+    """The node's metrics in a registry of its own (no process-global state).
+
+    Parameters
+    ----------
+    ledger
+        Read at scrape time for queue depths and job states.
+    receive_counters
+        Returns ``{origin: ReceiveCounters}`` for every way instances come in.
+    """
+
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.stage_seconds = Histogram(
+            "dicom_node_stage_seconds", "Duration of each stage of a job", ["stage"],
+            buckets=BUCKETS_S, registry=self.registry,
+        )
+        self.jobs_finished = Counter(
+            "dicom_node_jobs_finished", "Jobs finished since start, by analysis and outcome",
+            ["analysis", "outcome"], registry=self.registry,
+        )
+        self.registry.register(_LedgerCollector(ledger, receive_counters))
+
+    def observe_job(self, job: dict[str, Any], study: dict[str, Any] | None, outcome: str) -> None:
+        """Record a finished job's stage timings (as in its log line) and outcome."""
+        for stage, seconds in job_timings(job, study).items():
+            if stage in STAGES and stage != "send" and seconds >= 0:
+                self.stage_seconds.labels(stage).observe(seconds)
+        self.jobs_finished.labels(job["analysis"], outcome).inc()
+
+    def observe_send(self, seconds: float) -> None:
+        """Record one delivery's duration."""
+        self.stage_seconds.labels("send").observe(seconds)
+
+    def render(self) -> bytes:
+        """Return the metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+def job_timings(job: dict[str, Any], study: dict[str, Any] | None) -> dict[str, float]:
+    """Return a job's stage timings, with receive, wait and queue derived from the ledger."""
+    timings = {k: float(v) for k, v in (job.get("timings") or {}).items()}
+    if study is not None:
+        timings.setdefault("receive", study["last_received_at"] - study["first_received_at"])
+        if study.get("completed_at"):
+            timings.setdefault("wait", max(0.0, study["completed_at"] - study["last_received_at"]))
+    if job.get("started_at"):
+        timings.setdefault("queue", job["started_at"] - job["created_at"])
+    return timings

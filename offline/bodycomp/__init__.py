@@ -1,0 +1,1 @@
+"""Body composition in batch: the CSV runner, folder organisation and the training commands."""
