@@ -1,4 +1,5 @@
-# dicom-node: `make demo` runs the node end to end, `make test` runs the whole test suite.
+# dicom-node: `make demo` runs the node end to end, `make test` runs the whole test suite,
+# `make bench` runs every benchmark quickly (options: make bench BENCH_ARGS="--full").
 .PHONY: setup setup-test demo test bench lint
 
 setup:
@@ -17,4 +18,4 @@ lint: setup-test
 	.venv/bin/python -m mypy
 
 bench: setup-test
-	.venv/bin/python benchmarks/run_all.py
+	.venv/bin/python benchmarks/run_all.py $(BENCH_ARGS)

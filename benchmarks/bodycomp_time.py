@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
-from dicom_node.config import SeriesNumbers  # noqa: E402
-from dicom_node.run.pipeline import JobSpec, build_results, identity_for, job_uids, order_like_volume  # noqa: E402
+from dicom_node.run.pipeline import LoadedSeries, identity_for, load_sources, report_results  # noqa: E402
 from inference.bodycomp import classical  # noqa: E402
 from inference.bodycomp.analysis import AXIAL_AXCODES, BodyCompositionAnalysis, measure  # noqa: E402
 from inference.bodycomp.plots import plot_slice_selection  # noqa: E402
@@ -40,7 +38,8 @@ from inference.bodycomp.segmentation import UNet2D, load_segmenter, segment_slic
 from inference.bodycomp.segmentation import save_checkpoint as save_segmentation  # noqa: E402
 from inference.bodycomp.slice_selection import SliceSelectionNet, load_slice_selector, predict_outputs  # noqa: E402
 from inference.bodycomp.slice_selection import save_checkpoint as save_selection  # noqa: E402
-from inference.volume import load_series, to_model_space  # noqa: E402
+from inference.volume import to_model_space  # noqa: E402
+from offline.bodycomp.csv_runner import result_settings  # noqa: E402
 from reports.preview import render_report_png  # noqa: E402
 from tests.factories import series_from_nifti, write_datasets  # noqa: E402
 
@@ -76,13 +75,13 @@ def main() -> int:
     selector = load_slice_selector(work / "ss.pt", args.device)
     segmenter = load_segmenter(work / "seg.pt", args.device)
 
-    def load() -> Any:
-        datasets = [pydicom.dcmread(p) for p in paths]
-        return datasets, load_series(datasets)
+    def load() -> LoadedSeries:
+        return load_sources(paths)
 
     stages: dict[str, float] = {}
     stages["load (read 112 files, build volume)"] = median_s(load, args.runs)
-    datasets, volume = load()
+    loaded = load()
+    volume = loaded.volume
     stack, space = to_model_space(volume, AXIAL_AXCODES)
     stages["reorient to axial stack"] = median_s(lambda: to_model_space(volume, AXIAL_AXCODES), args.runs)
     _, sy, sx = space.spacing_mm
@@ -100,8 +99,9 @@ def main() -> int:
     analysis.load(args.device)
     result = analysis.run(volume)
     stages["whole analysis, classical (run)"] = median_s(lambda: analysis.run(volume), args.runs)
-    sources = order_like_volume(datasets, volume)
-    identity = identity_for(result, "BENCH")
+    sources = loaded.sources
+    settings = result_settings(analysis.name)
+    identity = identity_for(result, settings.node_name)
 
     def csv_reports() -> None:
         png = render_report_png(sources, result.label_map, result.structures, result.measurements,
@@ -111,11 +111,12 @@ def main() -> int:
         plot_slice_selection(result.summary, work / "plot.png")
         (work / "result.json").write_text(json.dumps(result.summary))
 
-    spec = JobSpec("bench", volume.series_instance_uid, volume.series_instance_uid, "body-composition",
-                   (), str(work), SeriesNumbers(seg=401, sc=402, sr=403))
+    study_uid = str(sources[0].StudyInstanceUID)
     stages["reports, run-csv (preview, plot, JSON)"] = median_s(csv_reports, args.runs)
     stages["reports, node (SEG + SC + SR)"] = median_s(
-        lambda: build_results(result, sources, spec, job_uids(spec, result, len(sources)), identity), args.runs)
+        lambda: report_results(result, sources, study_uid=study_uid, series_uid=volume.series_instance_uid,
+                               analysis=analysis.name, series_numbers=settings.series_numbers,
+                               node_name=settings.node_name), args.runs)
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
           f"volume {volume.shape}, median of {args.runs} run(s)")
     width = max(map(len, stages))

@@ -79,8 +79,8 @@ def main() -> int:
                     time.sleep(0.01)
                 latency = time.perf_counter() - acknowledged
                 # reference: Orthanc storing the same three result files sent by storescu
-                job = next(j for j in node.ledger().job_rows() if j["study_uid"] == study)
-                files = [Path(job["result_dir"]) / f"{k}.dcm" for k in ("seg", "sc", "sr")]
+                job = next(j for j in node.ledger().job_rows() if j.study_uid == study)
+                files = [Path(job.result_dir) / f"{k}.dcm" for k in ("seg", "sc", "sr")]
                 start = time.perf_counter()
                 run_storescu(files, orthanc.dicom_port, called_aet=orthanc.aet, extra_args=("-R",))
                 reference = time.perf_counter() - start
@@ -88,7 +88,7 @@ def main() -> int:
                     latencies.append(latency)
                     references.append(reference)
                     print(f"run {run:2d}: {latency:.3f} s  (stages: "
-                          + ", ".join(f"{k} {v:.3f}" for k, v in job["timings"].items()) + ")", flush=True)
+                          + ", ".join(f"{k} {v:.3f}" for k, v in job.timings.items()) + ")", flush=True)
         finally:
             node.stop()
             orthanc.stop()

@@ -42,3 +42,12 @@ class DeliveryFailed(DicomNodeError):
     def __init__(self, reason: str, *, retryable: bool) -> None:
         super().__init__(reason)
         self.retryable = retryable
+
+
+class InvalidJobRequest(DicomNodeError):
+    """A job request that cannot be accepted; ``field`` names the part of the request at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+# Re-exported: analysis plugins outside this repository raise it as inference.base.InputError.
+from inference.errors import InputError as InputError
 
 if TYPE_CHECKING:
     from inference.volume import Volume
 
 #: A coded concept as plain data: (code value, coding scheme designator, code meaning).
 Code = tuple[str, str, str]
-
-
-class InputError(ValueError):
-    """The input cannot be analysed (wrong modality, odd geometry, too few slices, ...).
-
-    The message is shown to users as the reason a job failed, so it must say what was
-    wrong with the input in plain words.
-    """
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,32 @@ class SeriesCandidate:
     kernel: str
     slice_thickness_mm: float | None
     slice_count: int
+
+
+def join_values(value: object) -> str:
+    """Return a text attribute's value as one string, several values joined by backslashes.
+
+    This is how :attr:`SeriesCandidate.kernel` holds a multi-valued ConvolutionKernel, and
+    how DICOM itself encodes several values of a string (PS3.5 6.4).
+
+    Parameters
+    ----------
+    value
+        The value as pydicom gives it: ``None``, a string, or several values (a
+        ``pydicom.multival.MultiValue`` or a list).
+
+    Returns
+    -------
+    str
+        ``""`` for ``None``, the string itself, or the values joined by backslashes.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Iterable):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 @dataclass(frozen=True)

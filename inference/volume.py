@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import pixel_array
 from scipy import ndimage
 
-from inference.base import InputError
+from inference.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -421,8 +421,8 @@ def load_series_files(paths: Sequence[Path]) -> Volume:
     """Build a volume from the files of one series, reading pixel data only once it is sorted.
 
     A header-only pass (``stop_before_pixels``) validates and sorts the series; pixels are then
-    decoded file by file straight into a preallocated array (1.6x faster than reading whole
-    datasets, FIELD_NOTES.md).
+    decoded file by file straight into a preallocated array: 408 slices/s for a 300-slice CT,
+    against 254 for a loop of whole ``dcmread`` calls (thread pools were slower on 2 cores).
 
     Parameters
     ----------

@@ -7,7 +7,7 @@ import logging
 import multiprocessing
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
-from dicom_node.state.ledger import SeriesInfo
+from dicom_node.receive.files import iter_files
+from dicom_node.state.records import SeriesInfo
 from dicom_node.run.pipeline import JobSpec, run_job
 from dicom_node.run.plugins import create_analyses
 from dicom_node.receive.scp import series_attributes
@@ -30,13 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def scan_study(folder: Path) -> dict[str, tuple[SeriesInfo, list[Path]]]:
-    """Return the series found under ``folder`` (recursively; file names do not matter).
+    """Return the series found under ``folder`` (recursively, hidden files included; file names do not matter).
 
     Files that are not DICOM are skipped with a debug log line.
     """
     files: dict[str, list[Path]] = defaultdict(list)
     first: dict[str, Any] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in iter_files(folder, include_hidden=True):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):
@@ -152,7 +153,10 @@ def run_batch(
 ) -> dict[str, Any]:
     """Analyse many study folders in parallel processes and write ``summary.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = [(str(folder), str(out_dir / _safe_name(folder, index))) for index, folder in enumerate(folders)]
+    targets = [
+        (str(folder), str(out_dir / f"{index:04d}_{safe_name(folder.name, default='study')}"))
+        for index, folder in enumerate(folders)
+    ]
     results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
@@ -173,19 +177,23 @@ def run_batch(
     return summary
 
 
-def _safe_name(folder: Path, index: int) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in folder.name) or "study"
-    return f"{index:04d}_{name}"
+def safe_name(text: str, *, default: str = "UNKNOWN") -> str:
+    """Return a file-name-safe version of an identifier or folder name.
 
+    Letters, digits, ``-`` and ``.`` are kept, everything else becomes ``_``; surrounding
+    spaces and dots are dropped, so a name never hides a file or climbs out of its folder.
 
-def iter_dicom_files(paths: Iterable[Path]) -> list[Path]:
-    """Return the files named, and every file under the folders named, sorted."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
-        elif path.is_file():
-            found.append(path)
-    return found
+    Parameters
+    ----------
+    text
+        A patient ID, accession number, UID or folder name.
+    default
+        The name when nothing is left.
 
-
+    Returns
+    -------
+    str
+        The safe name.
+    """
+    cleaned = "".join(c if c.isalnum() or c in "-." else "_" for c in text.strip())
+    return cleaned.strip(".") or default

@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.cli.main import CommandParsers
 
 DEFAULT_MSD = Path("../shared/data/hippocampus-msd")
 
@@ -75,15 +78,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(subparsers: Any) -> None:
-    """Add ``classifier`` and its sub-commands to the ``dicom-node`` sub-parsers.
+def add_parsers(parsers: CommandParsers) -> None:
+    """Add ``classifier`` and its sub-commands to the ``dicom-node`` command (a ``dicom_node.commands`` entry point).
 
     Parameters
     ----------
-    subparsers
-        The object ``ArgumentParser.add_subparsers()`` returned.
+    parsers
+        Where ``dicom-node`` takes its installed commands.
     """
-    parser = subparsers.add_parser("classifier", help="train and run 3D image classifiers")
+    parser = parsers.commands.add_parser("classifier", help="train and run 3D image classifiers")
     sub = parser.add_subparsers(dest="classifier_command", required=True)
 
     p = sub.add_parser("make-demo-task", help="write the demonstration task from the MSD hippocampus crops")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.cli.main import CommandParsers
 
 
 def cmd_to_hdf5(args: argparse.Namespace) -> int:
@@ -37,9 +40,15 @@ def cmd_to_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(subparsers: Any) -> None:
-    """Add ``convert to-hdf5`` and ``convert to-dicom`` to the ``dicom-node`` command."""
-    convert = subparsers.add_parser("convert", help="convert between DICOM series and HDF5 volumes")
+def add_parsers(parsers: CommandParsers) -> None:
+    """Add ``convert to-hdf5`` and ``convert to-dicom`` to the ``dicom-node`` command (a ``dicom_node.commands`` entry point).
+
+    Parameters
+    ----------
+    parsers
+        Where ``dicom-node`` takes its installed commands.
+    """
+    convert = parsers.commands.add_parser("convert", help="convert between DICOM series and HDF5 volumes")
     sub = convert.add_subparsers(dest="direction", required=True)
     p = sub.add_parser("to-hdf5", help="DICOM series folder -> HDF5 volume + JSON header")
     p.add_argument("dicom_dir", type=Path)

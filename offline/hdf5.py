@@ -15,11 +15,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
-from dicom_node.receive.ingest import iter_files
+from dicom_node.receive.files import iter_files
 from dicom_node.run.pipeline import order_like_volume, read_datasets
 from dicom_node.receive.spool import write_atomic
 from dicom_node.uids import result_uid
-from inference.base import InputError
+from inference.errors import InputError
 from inference.volume import Volume, load_series
 from reports.derived import build_derived_series
 from reports.identity import STUDY_ATTRIBUTES, Identity

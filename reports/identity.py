@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -14,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from reports.protocols import Code
+from reports.uids import derive_uid
 
 logger = logging.getLogger(__name__)
 
@@ -102,27 +102,6 @@ class Identity:
         return derive_uid(
             "device", self.manufacturer, self.manufacturer_model_name, self.device_serial_number
         )
-
-
-def derive_uid(*parts: str) -> str:
-    """Derive a UID that is the same whenever the parts are.
-
-    A name-based UUID (RFC 4122 version 5) under the 2.25 root (PS3.5 B.2). Note that
-    pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy
-    sources and returns a random UUID, so it cannot serve here.
-
-    Parameters
-    ----------
-    *parts
-        What identifies the thing named by the UID.
-
-    Returns
-    -------
-    str
-        The UID, at most 44 characters long.
-    """
-    name = "\x1f".join(("dicom-node", *parts))
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:

@@ -15,11 +15,11 @@ from reports.identity import (
     build_sr_algorithm_identification,
     coded,
     copy_study_attributes,
-    derive_uid,
     source_headers,
 )
 from reports.outline import outline_largest_section
 from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
+from reports.uids import derive_uid
 
 #: A structure is outlined only where one outline is faithful to it: at most this fraction of
 #: its pixels on that slice may lie outside the outline or be holes inside it.

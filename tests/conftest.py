@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,9 +16,20 @@ HIPPO_DICOM = SHARED_DATA / "hippocampus-dicom"
 HIPPO_CROP_STUDY1 = HIPPO_DICOM / "Study1" / "13_HCropVolume"
 
 
-def sr_content_items(sequence: Any) -> list[Any]:
-    """Return every content item of an SR content tree, depth first."""
-    items = []
+def sr_content_items(sequence: Iterable[Dataset]) -> list[Dataset]:
+    """Return every content item of an SR content tree, depth first.
+
+    Parameters
+    ----------
+    sequence
+        A ``ContentSequence``: the SR document's, or a content item's.
+
+    Returns
+    -------
+    list[Dataset]
+        Each item, followed by the items nested under it.
+    """
+    items: list[Dataset] = []
     for item in sequence:
         items.append(item)
         if "ContentSequence" in item:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypedDict, Unpack
 
-import nibabel as nib
+import nibabel
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -16,6 +17,9 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
+
+#: nibabel has no type annotations.
+nib: Any = nibabel
 
 #: Acquisition orientations as (row cosine, column cosine) in LPS, DICOM PS3.3 C.7.6.2.1.1.
 #: The row cosine is the direction of increasing column index, the column cosine that of
@@ -41,7 +45,9 @@ def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
     """Rodrigues' rotation matrix about a unit axis."""
     angle = np.radians(degrees)
     cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    # numpy's stubs type a ufunc of a scalar as Any; the sum is a 3x3 float array.
+    rotation: np.ndarray = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    return rotation
 
 
 def asymmetric_phantom(shape: tuple[int, int, int] = (40, 48, 36)) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +280,24 @@ def series_from_ras_volume(
     return datasets
 
 
-def series_from_nifti(path: Path, **kwargs: object) -> list[Dataset]:
+class SeriesOptions(TypedDict, total=False):
+    """Keyword options of :func:`series_from_ras_volume` that :func:`series_from_nifti` passes on."""
+
+    modality: str
+    orientation: str
+    study_uid: str | None
+    series_description: str
+    series_number: int
+    seed: int
+    shuffle: bool
+    scramble_instance_numbers: bool
+    rescale_slope: float | None
+    rescale_intercept: float | None
+    patient_id: str
+    patient_name: str
+
+
+def series_from_nifti(path: Path, **kwargs: Unpack[SeriesOptions]) -> list[Dataset]:
     """Write a NIfTI image as a DICOM series via :func:`series_from_ras_volume`.
 
     The image is first brought to the closest RAS orientation (``as_closest_canonical``);
@@ -285,7 +308,7 @@ def series_from_nifti(path: Path, **kwargs: object) -> list[Dataset]:
         np.asarray(image.dataobj),
         tuple(float(z) for z in image.header.get_zooms()[:3]),
         origin_mm=tuple(float(v) for v in image.affine[:3, 3]),
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -1,4 +1,4 @@
-"""The three packages type-check under mypy --strict (configured in pyproject.toml)."""
+"""The packages and test helpers configured in pyproject.toml type-check under mypy --strict."""
 
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `deploy` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from dicom_node.state.records import JobState  # noqa: E402
 from deploy.local.node_process import NodeProcess  # noqa: E402
 from deploy.local.ohif_proxy import DEFAULT_WEB_ROOT, OhifProxyServer  # noqa: E402
 from deploy.local.orthanc_process import (  # noqa: E402
@@ -37,7 +38,20 @@ def _port(preferred: int) -> int:
 
 
 def result_series(orthanc: OrthancProcess, study_uid: str) -> dict[str, str]:
-    """Return the node's result series found in Orthanc for a study: {"SEG"|"SR"|"SC": series id}."""
+    """Return the node's result series found in Orthanc for a study.
+
+    Parameters
+    ----------
+    orthanc
+        The running Orthanc the node files its results into.
+    study_uid
+        StudyInstanceUID of the analysed study.
+
+    Returns
+    -------
+    dict[str, str]
+        ``{"SEG" | "SR" | "SC": Orthanc series ID}`` for each kind of result found so far.
+    """
     found: dict[str, str] = {}
     for match in orthanc.lookup(study_uid):
         if match.get("Type") != "Study":
@@ -55,6 +69,18 @@ def result_series(orthanc: OrthancProcess, study_uid: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo (``make demo``): start the processes, send the study, show the results.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns
+    -------
+    int
+        0 once stopped, 1 when the results did not arrive.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".demo")
     parser.add_argument("--no-wait", action="store_true", help="stop once the results are in")
@@ -75,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer: OhifProxyServer | None = None
     stopping = False
 
-    def stop(*_: Any) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
@@ -94,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         print("Orthanc forwards the study once it is stable; the node analyses it and files the results back...")
-        found = wait_until(lambda: (r := result_series(orthanc, study_uid)) and len(r) == 3 and r,
-                           deadline_s=300, what="SEG, SC and SR in Orthanc", poll_s=0.5)
+
+        def all_results() -> dict[str, str] | None:
+            found = result_series(orthanc, study_uid)
+            return found if len(found) == 3 else None
+
+        found = wait_until(all_results, deadline_s=300, what="SEG, SC and SR in Orthanc", poll_s=0.5)
         elapsed = time.monotonic() - start
-        job = next(j for j in node.ledger().job_rows() if j["state"] == "done")
-        summary = job["summary"]
+        job = next(j for j in node.ledger().job_rows() if j.state == JobState.DONE)
+        summary = job.summary
         volumes = {m["structure"] or m["name"]: m for m in summary["measurements"]}
         print()
         print(f"Results in Orthanc after {elapsed:.1f} s ({', '.join(sorted(found))}):")

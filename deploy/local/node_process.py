@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import dump_toml, merge
-from dicom_node.state.ledger import Ledger
+from dicom_node.state.ledger import Ledger, open_ledger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,10 +63,24 @@ class NodeProcess:
 
     @property
     def ae_title(self) -> str:
+        """The node's AE title, as configured."""
         return str(self.config["node"]["ae_title"])
 
     def start(self, deadline_s: float = 120.0) -> None:
-        """Start the node and wait until it accepts associations (its models are loaded)."""
+        """Start the node and wait until it accepts associations (its models are loaded).
+
+        Parameters
+        ----------
+        deadline_s
+            Seconds to wait for the node's ``serving on`` log line.
+
+        Raises
+        ------
+        RuntimeError
+            The node exited during start-up (its log is in the message).
+        TimeoutError
+            The node did not serve within ``deadline_s``; it is killed.
+        """
         offset = len(self.log_text())  # a restart appends to the same log
         log = open(self.log_file, "ab")  # noqa: SIM115 - the child process owns it
         self.process = subprocess.Popen(
@@ -86,7 +100,18 @@ class NodeProcess:
             time.sleep(0.1)
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
-        """Stop gracefully (SIGTERM), kill after ``timeout_s``; return the exit code."""
+        """Stop gracefully (SIGTERM), kill after ``timeout_s``; return the exit code.
+
+        Parameters
+        ----------
+        timeout_s
+            Seconds the node may take to drain before it is killed.
+
+        Returns
+        -------
+        int or None
+            The node's exit status; ``None`` if it was never started.
+        """
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
@@ -109,11 +134,12 @@ class NodeProcess:
                     pass
 
     def log_text(self) -> str:
+        """Everything the node has logged so far, across restarts."""
         return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""
 
     def ledger(self) -> Ledger:
         """Open the node's ledger (read it while the node runs: SQLite WAL allows that)."""
-        return Ledger(self.data_dir / "ledger.sqlite3")
+        return open_ledger(self.data_dir)
 
     def __enter__(self) -> NodeProcess:
         self.start()
@@ -125,7 +151,7 @@ class NodeProcess:
 
 def _children(pid: int) -> list[int]:
     """Return the pids of a process' children (its workers), read from /proc."""
-    found = []
+    found: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

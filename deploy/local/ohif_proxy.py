@@ -89,12 +89,15 @@ class OhifRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the viewer makes hundreds of small requests
 
     def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's naming
+        """Serve a file of the viewer, or forward a DICOMweb query or retrieval to Orthanc."""
         self._dispatch(send_body=True)
 
     def do_HEAD(self) -> None:  # noqa: N802
+        """Answer as :meth:`do_GET` would, without the body."""
         self._dispatch(send_body=False)
 
     def do_POST(self) -> None:  # noqa: N802 - STOW-RS, when a client uploads through the viewer
+        """Forward a DICOMweb store to Orthanc; anything else is 405."""
         if self._proxied(self.path):
             self._forward()
         else:
@@ -196,6 +199,7 @@ class OhifRequestHandler(BaseHTTPRequestHandler):
             upstream.close()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        """Log each request at DEBUG rather than on standard error."""
         logger.debug("%s %s", self.address_string(), format % args)
 
 
@@ -248,12 +252,16 @@ class OhifProxyServer(ThreadingHTTPServer):
 
     @property
     def port(self) -> int:
+        """The port listened on (the one the kernel picked when 0 was asked for)."""
         return int(self.server_address[1])
 
     @property
     def url(self) -> str:
         """The viewer's address, without a trailing slash."""
         host = self.server_address[0]
+        # typeshed allows bytes for any address family; an AF_INET socket names itself in str.
+        if isinstance(host, (bytes, bytearray)):
+            host = host.decode()
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
 
     def start(self) -> None:
@@ -278,6 +286,18 @@ class OhifProxyServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the viewer until interrupted (``python -m deploy.local.ohif_proxy``).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 once interrupted.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's HTTP root")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")

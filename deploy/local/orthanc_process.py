@@ -1,4 +1,4 @@
-"""Real DICOM peers for integration tests: an Orthanc process and a DCMTK storescp."""
+"""Real DICOM peers as local processes: an Orthanc from the shipped configuration, DCMTK storescp and storescu."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, TextIO, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "orthanc" / "orthanc.json"
@@ -24,6 +25,8 @@ NODE_MODALITY = "dicom-node"
 # Debian's DCMTK (storescu, storescp and Orthanc alike) sets TCP_NODELAY on its sockets only
 # when this variable is present; without it every instance pays ~50 ms (Nagle + delayed ACK).
 DCMTK_ENV = {"TCP_NODELAY": "1"}
+
+_T = TypeVar("_T")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,8 +94,25 @@ def wait_for_port(
             time.sleep(0.05)
 
 
-def wait_until(predicate: Any, deadline_s: float, what: str, poll_s: float = 0.1) -> Any:
+def wait_until(predicate: Callable[[], _T | None], deadline_s: float, what: str, poll_s: float = 0.1) -> _T:
     """Poll ``predicate()`` until it returns a truthy value, and return that value.
+
+    Parameters
+    ----------
+    predicate
+        Called every ``poll_s`` seconds; a falsy answer (``None``, ``False``, an empty
+        collection) means "not yet".
+    deadline_s
+        Seconds from now after which to give up.
+    what
+        What is awaited, for the timeout message.
+    poll_s
+        Pause between two calls.
+
+    Returns
+    -------
+    _T
+        The first truthy value ``predicate`` returned.
 
     Raises
     ------
@@ -110,7 +130,15 @@ def wait_until(predicate: Any, deadline_s: float, what: str, poll_s: float = 0.1
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """Terminate ``process`` (SIGTERM), wait, and kill it if it outlives ``timeout_s``."""
+    """Terminate ``process`` (SIGTERM), wait, and kill it if it outlives ``timeout_s``.
+
+    Parameters
+    ----------
+    process
+        The child to stop; one that has already exited is left as it is.
+    timeout_s
+        Seconds to wait for it after SIGTERM, and again after SIGKILL.
+    """
     if process.poll() is None:
         process.terminate()
         try:
@@ -183,7 +211,7 @@ class OrthancProcess:
         config: dict[str, Any],
         *,
         config_dir: Path,
-        node: list[Any],
+        node: list[str | int],
         stable_age_s: int | None,
         overrides: Mapping[str, Any],
     ) -> dict[str, Any]:
@@ -277,7 +305,7 @@ class OrthancProcess:
             return ""
         return self.log_file.read_text(encoding="utf-8", errors="replace")
 
-    def dump_log(self, stream: Any = None) -> None:
+    def dump_log(self, stream: TextIO | None = None) -> None:
         """Write the Orthanc log to ``stream`` (standard error by default)."""
         stream = stream or sys.stderr
         print(f"----- Orthanc log ({self.log_file}) -----", file=stream)
@@ -290,13 +318,12 @@ class OrthancProcess:
 
     def wait_for_lua_lines(self, pattern: str, count: int, deadline_s: float) -> list[str]:
         """Wait until at least ``count`` Lua log lines match ``pattern``; return them."""
-        return list(
-            wait_until(
-                lambda: (lines := self.lua_lines(pattern)) and len(lines) >= count and lines,
-                deadline_s,
-                f"{count} Lua log line(s) matching {pattern!r}",
-            )
-        )
+
+        def enough() -> list[str] | None:
+            lines = self.lua_lines(pattern)
+            return lines if lines and len(lines) >= count else None
+
+        return wait_until(enough, deadline_s, f"{count} Lua log line(s) matching {pattern!r}")
 
     # -- REST ------------------------------------------------------------------------------
 
@@ -466,13 +493,12 @@ class StoreScpProcess:
 
     def wait_for_count(self, count: int, deadline_s: float) -> list[Path]:
         """Wait until at least ``count`` files have arrived; return all of them."""
-        return list(
-            wait_until(
-                lambda: (files := self.received()) and len(files) >= count and files,
-                deadline_s,
-                f"{count} files in {self.out_dir}",
-            )
-        )
+
+        def enough() -> list[Path] | None:
+            files = self.received()
+            return files if files and len(files) >= count else None
+
+        return wait_until(enough, deadline_s, f"{count} files in {self.out_dir}")
 
 
 def run_storescu(

@@ -114,6 +114,18 @@ def _port(preferred: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the stack until Ctrl-C or SIGTERM (``python -m deploy.local.stack``).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 once stopped.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".stack")
     parser.add_argument("--ohif-port", type=int, default=3000)

@@ -1,35 +1,73 @@
-"""The ``dicom-node`` command: serve, check-config, echo, send, status, retry, analyze, batch, train, run-csv, convert, classifier."""
+"""The ``dicom-node`` command: the node's own commands, and those installed through entry points."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
 
-from dicom_node.config import (
-    NodeConfig,
-    build_config,
-    dump_toml,
-    load_config,
-    merge,
-    parse_destination,
-)
-from offline.bodycomp.commands import add_parsers as add_bodycomp_parsers
-from offline.classifier import add_parsers as add_classifier_parsers
-from offline.convert import add_parsers as add_convert_parsers
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
 from dicom_node.cli.ledger_commands import cmd_retry, cmd_status
+from dicom_node.config import NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
 
-DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
+#: Entry-point group of the commands other packages add to ``dicom-node``.
+ENTRY_POINT_GROUP = "dicom_node.commands"
+#: The command groups installed commands share: name -> (attribute of the sub-command, help).
+SHARED_GROUPS = {"train": ("model", "train a model")}
+
+_Commands = argparse._SubParsersAction  # the type ArgumentParser.add_subparsers() returns
+
+
+class CommandParsers:
+    """Where installed commands add their parsers: the sub-commands of ``dicom-node`` and its shared groups.
+
+    Each entry point of the ``dicom_node.commands`` group is a callable taking one of these; it
+    adds its parsers, each with a ``func`` default that runs the command on the parsed
+    arguments and returns the exit status.
+
+    Parameters
+    ----------
+    commands
+        The sub-commands of ``dicom-node`` (what ``ArgumentParser.add_subparsers()`` returned).
+    """
+
+    def __init__(self, commands: _Commands[argparse.ArgumentParser]) -> None:
+        self.commands = commands
+        self._groups: dict[str, _Commands[argparse.ArgumentParser]] = {}
+
+    def group(self, name: str) -> _Commands[argparse.ArgumentParser]:
+        """Return the sub-commands of a shared group, adding the group on first use.
+
+        Parameters
+        ----------
+        name
+            One of :data:`SHARED_GROUPS` (``train``: ``dicom-node train MODEL ...``).
+
+        Returns
+        -------
+        argparse._SubParsersAction
+            Where to add the group's sub-commands.
+
+        Raises
+        ------
+        ValueError
+            If ``name`` is not a shared group.
+        """
+        if name not in SHARED_GROUPS:
+            raise ValueError(f"{name!r} is not a shared command group (known: {', '.join(SHARED_GROUPS)})")
+        if name not in self._groups:
+            dest, help_text = SHARED_GROUPS[name]
+            group = self.commands.add_parser(name, help=help_text)
+            self._groups[name] = group.add_subparsers(dest=dest, required=True)
+        return self._groups[name]
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -82,11 +120,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from dicom_node.config import Destination
-    from offline.analyze import iter_dicom_files
     from dicom_node.deliver.sender import send_files
+    from dicom_node.receive.files import iter_files
 
     _, table = parse_destination(args.peer)
-    files = iter_dicom_files(args.paths)
+    files = [file for path in args.paths for file in iter_files(path)]
     if not files:
         print("no files to send", file=sys.stderr)
         return 1
@@ -96,54 +134,51 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-def _offline_config(args: argparse.Namespace) -> NodeConfig:
-    config = load_config(args.config) if args.config else build_config({})
-    if args.analysis:
-        unknown = set(args.analysis) - set(config.analyses)
-        if unknown:
-            raise ConfigError(f"unknown analysis: {', '.join(sorted(unknown))}")
-        config = config.model_copy(
-            update={"analyses": {k: v for k, v in config.analyses.items() if k in args.analysis}}
-        )
-    return config
+def installed_commands() -> list[EntryPoint]:
+    """Return the entry points of the ``dicom_node.commands`` group, in name order."""
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda entry: entry.name)
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from offline.analyze import analyze_study
-    from dicom_node.run.plugins import create_analyses
+def mount_commands(parsers: CommandParsers, commands: Iterable[EntryPoint]) -> list[str]:
+    """Let each installed command add its parsers.
 
-    config = _offline_config(args)
-    analyses = create_analyses(config.analyses)
-    for analysis in analyses.values():
-        analysis.load(args.device)
-    summary = analyze_study(args.study, args.out, config, analyses)
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["ok"] else 1
+    Parameters
+    ----------
+    parsers
+        Where they add them.
+    commands
+        Entry points of the ``dicom_node.commands`` group.
 
-
-def cmd_batch(args: argparse.Namespace) -> int:
-    from offline.analyze import run_batch
-
-    config = _offline_config(args)
-    summary = run_batch(args.studies, args.out, config, workers=args.workers, device=args.device)
-    print(f"{summary['succeeded']} of {summary['studies']} studies succeeded;"
-          f" summary in {args.out / 'summary.json'}")
-    return 0 if summary["failed"] == 0 else 1
-
-
-def cmd_train_hippocampus(args: argparse.Namespace) -> int:
-    from inference.hippocampus.train import train
-
-    metrics = train(args.data, args.out, epochs=args.epochs, seed=args.seed, device=args.device,
-                    progress=lambda line: print(line, flush=True), max_cases=args.max_cases,
-                    num_threads=args.threads or None, batch_size=args.batch_size,
-                    learning_rate=args.learning_rate)
-    print(json.dumps(metrics, indent=2, default=str))
-    return 0
+    Returns
+    -------
+    list[str]
+        One line per entry point that could not be loaded or failed to add its parsers,
+        naming it and saying why; the others are mounted all the same.
+    """
+    problems: list[str] = []
+    for entry in commands:
+        try:
+            entry.load()(parsers)
+        except Exception as exc:  # a broken package must not take the node's own commands down
+            problems.append(f"the commands of entry point {entry.name!r} ({entry.value}) are not"
+                            f" available: {type(exc).__name__}: {exc}")
+    return problems
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the ``dicom-node`` command."""
+def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of the ``dicom-node`` command.
+
+    Parameters
+    ----------
+    commands
+        The installed commands to mount (default: :func:`installed_commands`). One that fails
+        is reported on stderr and left out.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The node's own commands, then the installed ones.
+    """
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,13 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_check_config)
 
+    node_name = NodeSettings().ae_title
     for name, func, help_text in (
         ("echo", cmd_echo, "C-ECHO a DICOM peer"),
         ("send", cmd_send, "C-STORE files or folders to a DICOM peer"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("peer", metavar="AET@HOST:PORT")
-        p.add_argument("--calling-ae", default="DICOMNODE", help="our AE title (default DICOMNODE)")
+        p.add_argument("--calling-ae", default=node_name, help=f"our AE title (default {node_name})")
         if name == "send":
             p.add_argument("paths", nargs="+", type=Path)
         p.set_defaults(func=func)
@@ -178,37 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", nargs="?", help="job uid (default: all dead-lettered deliveries)")
     p.set_defaults(func=cmd_retry)
 
-    for name, func, help_text in (
-        ("analyze", cmd_analyze, "run the analyses on one study folder, offline"),
-        ("batch", cmd_batch, "run the analyses on many study folders in parallel"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        if name == "analyze":
-            p.add_argument("study", type=Path)
-        else:
-            p.add_argument("studies", type=Path, nargs="+")
-            p.add_argument("--workers", "-j", type=int, default=2)
-        p.add_argument("--out", "-o", type=Path, required=True)
-        p.add_argument("--config", "-c", type=Path)
-        p.add_argument("--analysis", "-a", action="append", help="only this analysis (repeatable)")
-        p.add_argument("--device", default="cpu")
-        p.set_defaults(func=func)
-
-    train = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True)
-    p = train.add_parser("hippocampus", help="train the hippocampus U-Net on MSD Task04")
-    p.add_argument("--data", type=Path, default=Path("../shared/data/hippocampus-msd"))
-    p.add_argument("--out", type=Path, default=Path("inference/hippocampus/weights/hippocampus_unet3d.pt"))
-    p.add_argument("--epochs", type=int, default=75, help="default: as the shipped weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--max-cases", type=int, help="use only the first N training cases (smoke runs)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.set_defaults(func=cmd_train_hippocampus)
-    add_bodycomp_parsers(sub, train)
-    add_convert_parsers(sub)
-    add_classifier_parsers(sub)
+    for problem in mount_commands(CommandParsers(sub), installed_commands() if commands is None else commands):
+        print(f"dicom-node: {problem}", file=sys.stderr)
     return parser
 
 
@@ -224,4 +231,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeliveryFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return 1
-

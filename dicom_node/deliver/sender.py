@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,19 +10,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.events import Event
 
 from dicom_node import status
 from dicom_node.config import Destination
 from dicom_node.errors import DeliveryFailed
+from dicom_node.receive.association import REJECTED_PERMANENT, disable_nagle
 
 logger = logging.getLogger(__name__)
-
-
-def _nodelay(event: Event) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def send_files(
@@ -43,9 +36,10 @@ def send_files(
     Raises
     ------
     DeliveryFailed
-        ``retryable=True`` when the peer could not be reached, aborted or timed out, or
-        answered a failure that may be transient; ``retryable=False`` when a file is
-        missing or unreadable, or the peer rejected the association permanently.
+        ``retryable=True`` when the peer could not be reached, aborted or timed out,
+        rejected the association as transient (e.g. too many open) or answered a failure
+        that may be transient; ``retryable=False`` when a file is missing or unreadable,
+        or the peer rejected the association permanently (e.g. an unknown AE title).
     """
     headers: list[tuple[Path, Dataset]] = []
     for path in files:
@@ -64,11 +58,18 @@ def send_files(
         ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
     )
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if assoc.is_rejected:
-        raise DeliveryFailed(f"{where} rejected the association", retryable=True)
+        answer = assoc.acceptor.primitive
+        if answer is None:
+            raise DeliveryFailed(f"{where} rejected the association", retryable=True)
+        raise DeliveryFailed(
+            f"{where} rejected the association ({answer.result_str}, {answer.source_str}: "
+            f"{answer.reason_str})",
+            retryable=answer.result != REJECTED_PERMANENT,
+        )
     if not assoc.is_established:
         raise DeliveryFailed(f"cannot connect to {where}", retryable=True)
     stored = []
@@ -113,6 +114,3 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 
     return int(code)
 
 
-def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
-    """Return the wait before the next attempt after ``attempts`` failures (exponential, capped)."""
-    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))

@@ -6,7 +6,7 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -19,7 +19,10 @@ from pydicom.errors import InvalidDicomError
 from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RejectedInstance
-from dicom_node.state.ledger import InstanceRecord, Ledger
+from dicom_node.state.records import InstanceRecord, Origin
+from dicom_node.state.ledger import Ledger
+from dicom_node.receive.files import iter_files
+from inference.base import join_values
 from dicom_node.receive.spool import Spool, is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -72,17 +75,8 @@ def series_attributes(ds: Dataset) -> dict[str, Any]:
         "pixel_spacing": numbers("PixelSpacing"),
         "slice_thickness": number("SliceThickness"),
         "number_of_frames": int(frames) if frames is not None else None,
-        "convolution_kernel": _joined(ds.get("ConvolutionKernel")),
+        "convolution_kernel": join_values(ds.get("ConvolutionKernel")),
     }
-
-
-def _joined(value: Any) -> str:
-    """Return a text element that may be multi-valued as one string, values joined by backslashes."""
-    if value is None or value == "":
-        return ""
-    if isinstance(value, str):
-        return value
-    return "\\".join(str(v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -136,7 +130,7 @@ def persist(
     min_free_disk_bytes: int,
     calling_ae_title: str,
     received_at: float,
-    origin: str = "dicom",
+    origin: Origin = Origin.DICOM,
 ) -> InstanceRecord:
     """Write an instance to the spool (atomic, fsynced) and record it in the ledger.
 
@@ -269,7 +263,7 @@ class Ingestor:
         self.clock = clock
         self.on_stored = on_stored
 
-    def ingest_file(self, path: Path, *, origin: str) -> InstanceRecord:
+    def ingest_file(self, path: Path, *, origin: Origin) -> InstanceRecord:
         """Store one file; return its record.
 
         Raises
@@ -296,7 +290,7 @@ class Ingestor:
             self.on_stored(record.study_uid)
         return record
 
-    def ingest_tree(self, root: Path, *, origin: str) -> IngestReport:
+    def ingest_tree(self, root: Path, *, origin: Origin) -> IngestReport:
         """Store every file under ``root`` (hidden files skipped); refusals are reported, not raised."""
         report = IngestReport()
         for path in iter_files(root):
@@ -307,13 +301,3 @@ class Ingestor:
         logger.info("ingested %d instance(s) from %s (%s), %d refused",
                     len(report.stored), root, origin, len(report.rejected))
         return report
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    """Yield the regular files under ``root`` (or ``root`` itself), sorted, skipping hidden names."""
-    if root.is_file():
-        yield root
-        return
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
-            yield path

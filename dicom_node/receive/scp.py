@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import Counter
@@ -25,20 +24,20 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RejectedInstance
+from dicom_node.receive.association import (
+    NO_REASON_GIVEN,
+    REJECTED_PERMANENT,
+    SOURCE_SERVICE_USER,
+    disable_nagle,
+)
 from dicom_node.receive.ingest import identify, persist, raw_uid, series_attributes
-from dicom_node.state.ledger import InstanceRecord, Ledger
+from dicom_node.state.records import InstanceRecord
+from dicom_node.state.ledger import Ledger
 from dicom_node.receive.spool import Spool
 
 __all__ = ["ReceiveCounters", "StorageSCP", "raw_uid", "series_attributes"]
 
 logger = logging.getLogger(__name__)
-
-#: PS3.8 Table 9-21: A-ASSOCIATE-RJ result "rejected-permanent", source "service-user".
-_REJECTED_PERMANENT = 0x01
-_SOURCE_SERVICE_USER = 0x01
-_NO_REASON_GIVEN = 0x01
-_CALLING_AE_NOT_RECOGNISED = 0x03
-
 
 #: Idle sleep of pynetdicom's DUL loop on our associations (pynetdicom's default: 1 ms).
 DUL_LOOP_DELAY_S = 0.0001
@@ -232,9 +231,7 @@ class StorageSCP:
         which adds up to about a millisecond per PDU gap and per response; 0.1 ms costs a
         few percent of a core per open association and raises single-association throughput.
         """
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        disable_nagle(event)
         event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
     def handle_requested(self, event: Event) -> None:
@@ -247,7 +244,7 @@ class StorageSCP:
                 "rejected association from %s (AE %s): address not in node.allowed_addresses",
                 address, event.assoc.requestor.ae_title,
             )
-            event.assoc.acse.send_reject(_REJECTED_PERMANENT, _SOURCE_SERVICE_USER, _NO_REASON_GIVEN)
+            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
 
     def handle_echo(self, event: Event) -> int:
         """Answer C-ECHO."""

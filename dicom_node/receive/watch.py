@@ -18,7 +18,9 @@ from watchdog.observers.api import BaseObserver
 from dicom_node import status
 from dicom_node.config import WatchSettings
 from dicom_node.errors import RejectedInstance
-from dicom_node.receive.ingest import Ingestor, iter_files
+from dicom_node.state.records import Origin
+from dicom_node.receive.files import iter_files
+from dicom_node.receive.ingest import Ingestor
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ class WatchFolder:
 
     def _handle(self, path: Path, unchanged_s: float) -> int:
         try:
-            record = self.ingestor.ingest_file(path, origin="watch")
+            record = self.ingestor.ingest_file(path, origin=Origin.WATCH)
         except RejectedInstance as exc:
             if exc.status in _TRY_AGAIN:
                 logger.warning("watch folder: %s not stored yet, will retry: %s", path, exc.reason)

@@ -8,11 +8,12 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from dicom_node.config import AnalysisSettings, WorkerSettings
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, StudyNotProcessable
 from dicom_node.run.pipeline import JobOutcome, JobSpec, run_job
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,30 @@ logger = logging.getLogger(__name__)
 _READY = "ready"
 _DONE = "done"
 _FAILED = "failed"
+
+
+class FailureKind(StrEnum):
+    """Why a job failed in a worker: its input cannot be analysed, or the analysis failed."""
+
+    NOT_PROCESSABLE = "StudyNotProcessable"
+    INFERENCE_FAILED = "InferenceFailed"
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A job's failure as it crosses the process boundary: its kind and a reason to show."""
+
+    kind: FailureKind
+    message: str
+
+    @classmethod
+    def from_error(cls, exc: DicomNodeError) -> WorkerFailure:
+        """Return the failure an error raised by the pipeline stands for."""
+        kind = FailureKind.NOT_PROCESSABLE if isinstance(exc, StudyNotProcessable) else FailureKind.INFERENCE_FAILED
+        return cls(kind, str(exc))
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
 
 
 def resolve_devices(settings: WorkerSettings) -> list[str]:
@@ -64,7 +89,7 @@ def _worker_main(
     loaded = create_analyses(analyses)
     for analysis in loaded.values():
         analysis.load(device)
-    conn.send((_READY, None, None))
+    conn.send((_READY, None))
     while True:
         try:
             message = conn.recv()
@@ -76,12 +101,12 @@ def _worker_main(
         try:
             outcome = run_job(spec, loaded[spec.analysis])
         except DicomNodeError as exc:
-            conn.send((_FAILED, type(exc).__name__, str(exc)))
+            conn.send((_FAILED, WorkerFailure.from_error(exc)))
         except Exception as exc:  # report, never die: the parent decides what happens next
             worker_logging.getLogger(__name__).exception("job %s crashed", spec.job_uid)
-            conn.send((_FAILED, "InferenceFailed", f"{type(exc).__name__}: {exc}"))
+            conn.send((_FAILED, WorkerFailure(FailureKind.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")))
         else:
-            conn.send((_DONE, None, outcome))
+            conn.send((_DONE, outcome))
 
 
 @dataclass
@@ -96,12 +121,11 @@ class _Worker:
 
 @dataclass(frozen=True)
 class Completion:
-    """A job that finished in a worker (``outcome`` set) or failed (``error`` set)."""
+    """A job that finished in a worker (``outcome`` set) or failed (``failure`` set)."""
 
     spec: JobSpec
     outcome: JobOutcome | None
-    error_kind: str | None
-    error: str | None
+    failure: WorkerFailure | None
     elapsed_s: float
 
 
@@ -152,7 +176,7 @@ class WorkerPool:
         for worker in self._workers:
             if not worker.ready and worker.job is None and worker.conn.poll():
                 try:
-                    kind, _, _ = worker.conn.recv()
+                    kind, _ = worker.conn.recv()
                 except EOFError:
                     continue
                 worker.ready = kind == _READY
@@ -187,24 +211,22 @@ class WorkerPool:
             elapsed = self.clock() - worker.started_at
             if worker.conn.poll():
                 try:
-                    kind, error_kind, payload = worker.conn.recv()
+                    kind, payload = worker.conn.recv()
                 except (EOFError, OSError):
-                    kind, error_kind, payload = _FAILED, "InferenceFailed", "the worker process died"
+                    kind, payload = _FAILED, _died("")
                 worker.job = None
                 if kind == _DONE:
-                    done.append(Completion(spec, payload, None, None, elapsed))
+                    done.append(Completion(spec, payload, None, elapsed))
                 else:
-                    done.append(Completion(spec, None, error_kind, payload, elapsed))
+                    done.append(Completion(spec, None, payload, elapsed))
                 continue
             if not worker.process.is_alive():
                 code = worker.process.exitcode
-                done.append(Completion(spec, None, "InferenceFailed",
-                                       f"the worker process died (exit code {code})", elapsed))
+                done.append(Completion(spec, None, _died(f" (exit code {code})"), elapsed))
                 self._replace(index)
             elif elapsed > self.settings.job_timeout_s:
-                done.append(Completion(spec, None, "InferenceFailed",
-                                       f"timed out after {self.settings.job_timeout_s:g} s; the worker was stopped",
-                                       elapsed))
+                timeout = f"timed out after {self.settings.job_timeout_s:g} s; the worker was stopped"
+                done.append(Completion(spec, None, WorkerFailure(FailureKind.INFERENCE_FAILED, timeout), elapsed))
                 self._replace(index)
         return done
 
@@ -225,6 +247,10 @@ class WorkerPool:
             _stop_process(worker.process, grace_s=5.0)
             worker.conn.close()
         self._workers = []
+
+
+def _died(detail: str) -> WorkerFailure:
+    return WorkerFailure(FailureKind.INFERENCE_FAILED, f"the worker process died{detail}")
 
 
 def _stop_process(process: BaseProcess, grace_s: float = 0.0) -> None:

@@ -1,11 +1,12 @@
-"""One job from source files to result files: load, infer, report. The only place inference meets reports."""
+"""The pipeline step, from a series' files to result objects: load, infer, report. The only place inference meets reports."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +18,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.config import SeriesNumbers
+from dicom_node.config import NodeSettings, ResultKind, SeriesNumbers
 from dicom_node.errors import InferenceFailed, StudyNotProcessable
 from dicom_node.receive.spool import write_atomic
 from dicom_node.uids import result_uid, result_uids
-from inference.base import Analysis, AnalysisResult, ConfigurableAnalysis, InputError
+from inference.base import Analysis, AnalysisResult, ConfigurableAnalysis
+from inference.errors import InputError
 from inference.volume import Volume, load_series
 from reports.derived import build_derived_series
 from reports.identity import Identity
@@ -43,7 +45,7 @@ class JobSpec:
     paths: tuple[str, ...]
     result_dir: str
     series_numbers: SeriesNumbers
-    node_name: str = "DICOMNODE"
+    node_name: str = NodeSettings().ae_title
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,21 +86,43 @@ def identity_for(result: AnalysisResult, node_name: str) -> Identity:
     )
 
 
-def read_datasets(paths: Sequence[Path | str]) -> list[Dataset]:
+def _read(path: Path | str, *, decode: bool = False) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise StudyNotProcessable(f"{Path(path).name} is not readable DICOM: {exc}") from exc
+    if decode:
+        try:
+            _ = ds.pixel_array  # pydicom keeps the decoded array for the volume to use
+        except (AttributeError, NotImplementedError, RuntimeError, ValueError, TypeError):
+            pass  # building the volume decodes it again and says why it cannot
+    return ds
+
+
+def read_datasets(paths: Sequence[Path | str], *, threads: int = 1) -> list[Dataset]:
     """Read a series' instances.
+
+    Parameters
+    ----------
+    paths
+        The instance files.
+    threads
+        With more than one, files are read, and their pixel data decoded, in that many threads.
+
+    Returns
+    -------
+    list[pydicom.dataset.Dataset]
+        One dataset per path, in the order of ``paths``.
 
     Raises
     ------
     StudyNotProcessable
         Naming the first file that is not readable DICOM.
     """
-    datasets: list[Dataset] = []
-    for path in paths:
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise StudyNotProcessable(f"{Path(path).name} is not readable DICOM: {exc}") from exc
-    return datasets
+    if threads <= 1:
+        return [_read(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda path: _read(path, decode=True), paths))
 
 
 def order_like_volume(datasets: Sequence[Dataset], volume: Volume) -> list[Dataset]:
@@ -107,38 +131,139 @@ def order_like_volume(datasets: Sequence[Dataset], volume: Volume) -> list[Datas
     return [by_uid[uid] for uid in volume.sop_instance_uids]
 
 
-def job_uids(spec: JobSpec, result: AnalysisResult, n_images: int) -> dict[str, str]:
-    """Return every UID a job's results get, derived from what identifies the job.
+@dataclass(frozen=True, eq=False)
+class LoadedSeries:
+    """A series ready to analyse: its volume, and its datasets in the volume's slice order."""
+
+    volume: Volume
+    sources: tuple[Dataset, ...]
+
+
+def load_sources(paths: Sequence[Path | str], *, threads: int = 1) -> LoadedSeries:
+    """Read the files of one series and build its volume: the load step.
+
+    The reports need the whole source datasets (the SC page draws their pixels), so the
+    datasets are read once, with pixel data, and the volume is built from them; the header-
+    then-pixels reader :func:`inference.volume.load_series_files` would read every file twice.
+
+    Parameters
+    ----------
+    paths
+        The instance files of one series, in any order.
+    threads
+        Threads reading the files (see :func:`read_datasets`).
+
+    Returns
+    -------
+    LoadedSeries
+        The volume and the sources in its slice order.
+
+    Raises
+    ------
+    StudyNotProcessable
+        A file is not readable DICOM, or the images do not form a volume (the reason says why).
+    """
+    datasets = read_datasets(paths, threads=threads)
+    try:
+        volume = load_series(datasets)
+    except InputError as exc:
+        raise StudyNotProcessable(str(exc)) from exc
+    return LoadedSeries(volume, tuple(order_like_volume(datasets, volume)))
+
+
+def derive_result_uids(
+    study_uid: str,
+    series_uid: str,
+    analysis: str,
+    result: AnalysisResult,
+    n_images: int,
+    options: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Return every UID the results of one analysis of one series get.
 
     (study, series, analysis, model version) as :func:`dicom_node.uids.result_uids`; options
-    that change the result (a blur's sigma) join the version, so a retry files the same
-    UIDs while a job with other options files a series of its own.
+    that change the result join the version, so a retry files the same UIDs while a run with
+    other options files a series of its own.
+
+    Parameters
+    ----------
+    study_uid, series_uid
+        The analysed series and its study.
+    analysis
+        The analysis' configured name.
+    result
+        Its result (model version; whether it has a derived image).
+    n_images
+        The number of source images (one derived image each).
+    options
+        The options the analysis ran with.
+
+    Returns
+    -------
+    dict[str, str]
+        As :func:`dicom_node.uids.result_uids`, plus ``derived_series`` and
+        ``derived_instance_<k>`` for a derived image.
     """
     version = result.model_version
-    if spec.options:
-        version += "|" + json.dumps(spec.options, sort_keys=True, separators=(",", ":"))
-    uids = result_uids(spec.study_uid, spec.series_uid, spec.analysis, version)
+    if options:
+        version += "|" + json.dumps(options, sort_keys=True, separators=(",", ":"))
+    uids = result_uids(study_uid, series_uid, analysis, version)
     if result.derived_image is not None:
-        base = (spec.study_uid, spec.series_uid, spec.analysis, version)
+        base = (study_uid, series_uid, analysis, version)
         uids["derived_series"] = result_uid(*base, "derived-series")
         for index in range(n_images):
             uids[f"derived_instance_{index}"] = result_uid(*base, "derived-instance", str(index))
     return uids
 
 
-def run_analysis(analysis: Analysis, volume: Volume, options: dict[str, Any]) -> AnalysisResult:
-    """Run an analysis, with the job's options when it has any.
+def job_uids(spec: JobSpec, result: AnalysisResult, n_images: int) -> dict[str, str]:
+    """Return every UID a job's results get, derived from what identifies the job (:func:`derive_result_uids`)."""
+    return derive_result_uids(spec.study_uid, spec.series_uid, spec.analysis, result, n_images, spec.options)
+
+
+def run_analysis(
+    analysis: Analysis,
+    volume: Volume,
+    options: dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+) -> AnalysisResult:
+    """Run an analysis on a volume, with options when there are any: the infer step.
+
+    Parameters
+    ----------
+    analysis
+        A loaded analysis.
+    volume
+        The series to analyse.
+    options
+        Options of this run, for an analysis that takes them.
+    name
+        The analysis' configured name, for the log (default: its own name).
+
+    Returns
+    -------
+    inference.base.AnalysisResult
+        What the analysis found.
 
     Raises
     ------
-    InputError
+    StudyNotProcessable
         If options are given to an analysis that takes none, or the input is unsuitable.
+    InferenceFailed
+        If the analysis raised an unexpected error.
     """
-    if not options:
-        return analysis.run(volume)
-    if not isinstance(analysis, ConfigurableAnalysis):
-        raise InputError(f"{analysis.name} takes no options")
-    return analysis.run_with_options(volume, options)
+    try:
+        if not options:
+            return analysis.run(volume)
+        if not isinstance(analysis, ConfigurableAnalysis):
+            raise InputError(f"{analysis.name} takes no options")
+        return analysis.run_with_options(volume, options)
+    except InputError as exc:
+        raise StudyNotProcessable(str(exc)) from exc
+    except Exception as exc:  # a model bug must fail the job, not the worker
+        logger.exception("analysis %s failed on series %s", name or analysis.name, volume.series_instance_uid)
+        raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
 def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) -> dict[str, Any]:
@@ -173,6 +298,66 @@ def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) 
     }
 
 
+@dataclass(frozen=True)
+class ResultObjects:
+    """The objects of one result, by name (``seg``, ``sc``, ``sr``, ``derived-0001`` ...), and their UIDs."""
+
+    objects: dict[str, Dataset]
+    uids: dict[str, str]
+
+
+def report_results(
+    result: AnalysisResult,
+    sources: Sequence[Dataset],
+    *,
+    study_uid: str,
+    series_uid: str,
+    analysis: str,
+    series_numbers: SeriesNumbers,
+    node_name: str,
+    options: dict[str, Any] | None = None,
+    kinds: Collection[ResultKind] | None = None,
+) -> ResultObjects:
+    """Build the result objects of one analysis of one series: the report step.
+
+    Parameters
+    ----------
+    result
+        What the analysis found.
+    sources
+        The analysed datasets, in the volume's slice order, with pixel data.
+    study_uid, series_uid
+        The analysed series and its study.
+    analysis
+        The analysis' configured name.
+    series_numbers
+        The configured series numbers of its objects.
+    node_name
+        The node's AE title (Device Serial Number of every object).
+    options
+        The options the analysis ran with.
+    kinds
+        Build only these of SEG, SC and SR (default: all that apply).
+
+    Returns
+    -------
+    ResultObjects
+        The objects (see :func:`build_results`) and every UID of the result.
+
+    Raises
+    ------
+    StudyNotProcessable
+        If the sources break the IODs the objects reference them by.
+    """
+    uids = derive_result_uids(study_uid, series_uid, analysis, result, len(sources), options)
+    try:
+        objects = build_results(result, sources, series_numbers, uids, identity_for(result, node_name),
+                                kinds=kinds)
+    except ValueError as exc:  # highdicom refuses sources that break their IOD
+        raise StudyNotProcessable(f"results cannot reference this series: {exc}") from exc
+    return ResultObjects(objects, uids)
+
+
 def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
     """Run one analysis on one series and write its result objects.
 
@@ -191,32 +376,21 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
     """
     outcome = JobOutcome()
     with _timed(outcome.timings, "load"):
-        datasets = read_datasets(spec.paths)
-        try:
-            volume = load_series(datasets)
-        except InputError as exc:
-            raise StudyNotProcessable(str(exc)) from exc
-        sources = order_like_volume(datasets, volume)
+        loaded = load_sources(spec.paths)
     with _timed(outcome.timings, "infer"):
-        try:
-            result = run_analysis(analysis, volume, spec.options)
-        except InputError as exc:
-            raise StudyNotProcessable(str(exc)) from exc
-        except Exception as exc:  # a model bug must fail the job, not the worker
-            logger.exception("analysis %s failed on series %s", spec.analysis, spec.series_uid)
-            raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
+        result = run_analysis(analysis, loaded.volume, spec.options, name=spec.analysis)
     with _timed(outcome.timings, "report"):
-        uids = job_uids(spec, result, len(sources))
-        try:
-            objects = build_results(result, sources, spec, uids, identity_for(result, spec.node_name))
-        except ValueError as exc:  # highdicom refuses sources that break their IOD
-            raise StudyNotProcessable(f"results cannot reference this series: {exc}") from exc
+        built = report_results(
+            result, loaded.sources, study_uid=spec.study_uid, series_uid=spec.series_uid,
+            analysis=spec.analysis, series_numbers=spec.series_numbers, node_name=spec.node_name,
+            options=spec.options,
+        )
         out = Path(spec.result_dir)
-        for name, ds in objects.items():
+        for name, ds in built.objects.items():
             path = out / f"{name}.dcm"
             ds.save_as(path, enforce_file_format=True)
             outcome.files.append(str(path))
-        outcome.summary = result_summary(result, spec, uids)
+        outcome.summary = result_summary(result, spec, built.uids)
         write_atomic(out / "result.json", json.dumps(outcome.summary, indent=2).encode())
     return outcome
 
@@ -224,17 +398,45 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
 def build_results(
     result: AnalysisResult,
     sources: Sequence[Dataset],
-    spec: JobSpec,
+    numbers: SeriesNumbers,
     uids: dict[str, str],
     identity: Identity,
+    *,
+    kinds: Collection[ResultKind] | None = None,
 ) -> dict[str, Dataset]:
     """Build the objects of a result.
 
     A derived image becomes a derived series (``derived-0001`` ...); a label map a SEG;
     measurements, findings or structures an SC report and an SR. A result with only a
     derived image (a processing task) files only the derived series.
+
+    Parameters
+    ----------
+    result
+        What the analysis found.
+    sources
+        The analysed datasets, in the volume's slice order, with pixel data.
+    numbers
+        Series numbers of the objects.
+    uids
+        As :func:`derive_result_uids` returns them.
+    identity
+        Equipment and algorithm identification.
+    kinds
+        Build only these of SEG, SC and SR (default: all that apply); a derived series is
+        always built.
+
+    Returns
+    -------
+    dict[str, pydicom.dataset.Dataset]
+        The objects by name, in the order they are filed: derived images, ``seg``, ``sc``, ``sr``.
+
+    Raises
+    ------
+    ValueError
+        If the result does not fit the sources, or the sources break an IOD.
     """
-    numbers = spec.series_numbers
+    wanted = frozenset(kinds) if kinds is not None else frozenset(("seg", "sc", "sr"))
     objects: dict[str, Dataset] = {}
     if result.derived_image is not None:
         images = build_derived_series(
@@ -253,7 +455,7 @@ def build_results(
             return objects
     label_map = result.label_map
     seg: Dataset | None = None
-    if label_map is not None and result.structures:
+    if label_map is not None and result.structures and wanted & {"seg", "sr"}:
         seg = build_segmentation(
             sources,
             np.asarray(label_map, dtype=np.uint8),
@@ -264,37 +466,40 @@ def build_results(
             series_description=f"{result.title} segmentation",
             identity=identity,
         )
-        objects["seg"] = seg
-    objects["sc"] = build_report_image(
-        sources,
-        label_map,
-        result.structures,
-        result.measurements,
-        result.findings,
-        key_slices=result.key_slices or None,
-        title=result.title,
-        model_name=result.model_name,
-        model_version=result.model_version,
-        method=result.method,
-        identity=identity,
-        series_instance_uid=uids["sc_series"],
-        sop_instance_uid=uids["sc_instance"],
-        series_number=numbers.sc,
-        series_description=f"{result.title} report",
-    )
-    objects["sr"] = build_measurement_report(
-        sources,
-        result.structures,
-        result.measurements,
-        result.findings,
-        segmentation=seg,
-        label_map=None if seg is None else np.asarray(label_map, dtype=np.uint8),
-        procedure_reported=IMAGING_PROCEDURE,
-        tracking_seed=uids["tracking"],
-        identity=identity,
-        series_instance_uid=uids["sr_series"],
-        sop_instance_uid=uids["sr_instance"],
-        series_number=numbers.sr,
-        series_description=f"{result.title} measurements",
-    )
+        if "seg" in wanted:
+            objects["seg"] = seg
+    if "sc" in wanted:
+        objects["sc"] = build_report_image(
+            sources,
+            label_map,
+            result.structures,
+            result.measurements,
+            result.findings,
+            key_slices=result.key_slices or None,
+            title=result.title,
+            model_name=result.model_name,
+            model_version=result.model_version,
+            method=result.method,
+            identity=identity,
+            series_instance_uid=uids["sc_series"],
+            sop_instance_uid=uids["sc_instance"],
+            series_number=numbers.sc,
+            series_description=f"{result.title} report",
+        )
+    if "sr" in wanted:
+        objects["sr"] = build_measurement_report(
+            sources,
+            result.structures,
+            result.measurements,
+            result.findings,
+            segmentation=seg,
+            label_map=None if seg is None else np.asarray(label_map, dtype=np.uint8),
+            procedure_reported=IMAGING_PROCEDURE,
+            tracking_seed=uids["tracking"],
+            identity=identity,
+            series_instance_uid=uids["sr_series"],
+            sop_instance_uid=uids["sr_instance"],
+            series_number=numbers.sr,
+            series_description=f"{result.title} measurements",
+        )
     return objects

@@ -6,7 +6,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from dicom_node.config import GroupingSettings
-from dicom_node.state.ledger import Ledger, PlannedJob, SeriesInfo
+from dicom_node.state.records import JobState, PlannedJob, SeriesInfo
+from dicom_node.state.ledger import Ledger
 from dicom_node.schedule.selection import select_series
 from inference.base import SeriesRule
 
@@ -52,7 +53,7 @@ class StudyTracker:
                 planned.append(PlannedJob(analysis, info.series_uid))
             if not selection.selected:
                 planned.append(
-                    PlannedJob(analysis, None, "not_applicable",
+                    PlannedJob(analysis, None, JobState.NOT_APPLICABLE,
                                f"no series matches: {selection.explain()}")
                 )
         return planned
@@ -72,7 +73,7 @@ class StudyTracker:
             if not jobs and planned:
                 continue
             created.extend(jobs)
-            queued = sum(1 for job in planned if job.state == "queued")
+            queued = sum(1 for job in planned if job.state == JobState.QUEUED)
             logger.info(
                 "study %s complete: %d job(s) queued, %d analysis(es) not applicable",
                 study_uid, queued, len(planned) - queued,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicom_node.state.ledger import SeriesInfo
+from dicom_node.state.records import SeriesInfo
 from inference.base import SeriesCandidate, SeriesRule
 
 #: Our own results are never analysed again (Manufacturer we write, see reports.identity).

@@ -8,7 +8,8 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -18,14 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dicom_node import __version__
 from dicom_node.config import ApiSettings
-
-if TYPE_CHECKING:
-    from dicom_node.service.node import Node
+from dicom_node.errors import InvalidJobRequest
+from dicom_node.service.jobs import JobService
+from dicom_node.service.status_page import render_status_page
+from dicom_node.state.records import DeliveryState, JobRecord, JobState
 
 logger = logging.getLogger(__name__)
 
-#: Job states that are final: GET /jobs/{uid} answers 200 with outputs or the reason.
-FINAL_STATES = frozenset({"done", "failed", "not_applicable", "cancelled", "superseded"})
 _STATIC = {"status.js": "text/javascript", "status.css": "text/css"}
 
 
@@ -50,41 +50,41 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(min_length=1, description="An analysis or task name, e.g. gaussian-blur")
+    task: str = Field(min_length=1, description="An analysis or task name, as configured on the node")
     input: JobInput
-    options: dict[str, Any] = Field(default_factory=dict, description='Task options, e.g. {"sigma_mm": 2}')
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the task, validated by the task")
 
 
-def job_view(job: dict[str, Any]) -> dict[str, Any]:
+def job_view(job: JobRecord) -> dict[str, Any]:
     """Return the API's view of a ledger job: status, timings and, once final, outputs or reason."""
-    summary = job.get("summary") or {}
+    summary = job.summary
     files: list[str] = []
-    if job.get("result_dir") and Path(job["result_dir"]).is_dir():
-        files = sorted(str(p) for p in Path(job["result_dir"]).iterdir() if not p.name.startswith("."))
+    if job.result_dir and Path(job.result_dir).is_dir():
+        files = sorted(str(p) for p in Path(job.result_dir).iterdir() if not p.name.startswith("."))
     view: dict[str, Any] = {
-        "uid": job["uid"],
-        "status": job["state"],
-        "task": job["analysis"],
-        "origin": job.get("origin", "dicom"),
-        "study_instance_uid": job["study_uid"],
-        "series_instance_uid": job["series_uid"],
-        "options": job.get("options") or {},
-        "attempts": job["attempts"],
-        "created_at": job["created_at"],
-        "started_at": job["started_at"],
-        "finished_at": job["finished_at"],
-        "timings": job.get("timings") or {},
-        "reason": job.get("reason"),
-        "deliveries": job.get("deliveries", []),
+        "uid": job.uid,
+        "status": str(job.state),
+        "task": job.analysis,
+        "origin": str(job.origin),
+        "study_instance_uid": job.study_uid,
+        "series_instance_uid": job.series_uid,
+        "options": job.options,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "timings": job.timings,
+        "reason": job.reason,
+        "deliveries": [d.to_json() for d in job.deliveries],
     }
-    if job["state"] == "done":
+    if job.state == JobState.DONE:
         view["outputs"] = {
             "files": files,
             "result_uids": summary.get("result_uids", {}),
             "derived_series": summary.get("derived_series"),
             "measurements": summary.get("measurements", []),
             "findings": summary.get("findings", []),
-            "sent": [d for d in job.get("deliveries", []) if d["state"] == "sent"],
+            "sent": [d.to_json() for d in job.deliveries if d.state == DeliveryState.SENT],
         }
     return view
 
@@ -94,8 +94,25 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
-def create_app(node: Node, settings: ApiSettings) -> FastAPI:
-    """Build the FastAPI application over a running node."""
+def create_app(
+    jobs: JobService, settings: ApiSettings, *, ae_title: str,
+    live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes],
+) -> FastAPI:
+    """Build the FastAPI application.
+
+    Parameters
+    ----------
+    jobs
+        Creates, retries, cancels and lists jobs and studies.
+    settings
+        Where to listen and the bearer token.
+    ae_title
+        The node's AE title, shown on the status page.
+    live_figures
+        Returns the node's live figures (busy workers) for ``/healthz``.
+    render_metrics
+        Returns the Prometheus text of ``/metrics``.
+    """
     app = FastAPI(title="dicom-node", version=__version__,
                   description="Jobs, studies, health and metrics of a dicom-node. Changing calls need "
                               "`Authorization: Bearer <token>` when the node has a token.")
@@ -116,8 +133,8 @@ def create_app(node: Node, settings: ApiSettings) -> FastAPI:
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
-    def found(uid: str) -> dict[str, Any]:
-        job = node.ledger.job(uid)
+    def found(uid: str) -> JobRecord:
+        job = jobs.job(uid)
         if job is None:
             raise HTTPException(404, f"no job {uid}")
         return job
@@ -125,10 +142,8 @@ def create_app(node: Node, settings: ApiSettings) -> FastAPI:
     @app.post("/jobs", status_code=201, dependencies=[Depends(authorised)])
     def create_job(request: JobRequest) -> JSONResponse:
         """Create a job; 201 with its uid. 422 names the field when the request cannot run."""
-        from dicom_node.service.node import InvalidJobRequest
-
         try:
-            uid = node.submit_job(
+            uid = jobs.submit(
                 request.task,
                 input_dir=Path(request.input.dir) if request.input.dir is not None else None,
                 study_uid=request.input.study_instance_uid,
@@ -139,7 +154,7 @@ def create_app(node: Node, settings: ApiSettings) -> FastAPI:
             return JSONResponse({"detail": str(exc), "errors": [{"field": exc.field, "message": exc.reason}]},
                                 status_code=422)
         job = found(uid)
-        return JSONResponse({"uid": uid, "status": job["state"]}, status_code=201,
+        return JSONResponse({"uid": uid, "status": str(job.state)}, status_code=201,
                             headers={"Location": f"/jobs/{uid}"})
 
     @app.get("/jobs")
@@ -148,65 +163,63 @@ def create_app(node: Node, settings: ApiSettings) -> FastAPI:
         origin: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         """Recent jobs, newest first, filtered by state, task, study UID or origin."""
-        rows = node.ledger.job_rows(state=state, analysis=task, study_uid=study, origin=origin, limit=limit)
+        rows = jobs.jobs(state=state, task=task, study_uid=study, origin=origin, limit=limit)
         return {"jobs": [job_view(j) for j in rows]}
 
     @app.get("/jobs/{uid}", responses={202: {"description": "queued or running"}})
     def get_job(uid: str) -> JSONResponse:
         """One job: 202 while queued or running, 200 with outputs or the reason once final."""
         job = found(uid)
-        return JSONResponse(job_view(job), status_code=200 if job["state"] in FINAL_STATES else 202)
+        return JSONResponse(job_view(job), status_code=200 if job.state.is_final else 202)
 
     @app.post("/jobs/{uid}/retry", dependencies=[Depends(authorised)])
     def retry_job(uid: str) -> dict[str, Any]:
         """Queue a failed, cancelled or finished job again (its results keep their UIDs)."""
         job = found(uid)
-        if job["series_uid"] is None:
+        if job.series_uid is None:
             raise HTTPException(409, "the job has no series to run on (not applicable)")
-        if not node.ledger.retry_job(uid):
-            raise HTTPException(409, f"job is {job['state']}; only final jobs can be retried")
-        node.ledger.redeliver(node.clock(), uid)
-        node.wake()
-        return {"uid": uid, "status": "queued"}
+        if not jobs.retry(uid).requeued:
+            raise HTTPException(409, f"job is {job.state}; only final jobs can be retried")
+        return {"uid": uid, "status": str(JobState.QUEUED)}
 
     @app.delete("/jobs/{uid}", dependencies=[Depends(authorised)])
     def cancel_job(uid: str) -> dict[str, Any]:
         """Cancel: a queued job at once; a running one ends as cancelled and its results are discarded."""
         job = found(uid)
-        if job["state"] in FINAL_STATES:
-            raise HTTPException(409, f"job is already {job['state']}")
-        state = node.ledger.cancel_job(uid, node.clock())
-        return {"uid": uid, "status": state, "cancel_requested": state == "running"}
+        if job.state.is_final:
+            raise HTTPException(409, f"job is already {job.state}")
+        state = jobs.cancel(uid)
+        return {"uid": uid, "status": None if state is None else str(state),
+                "cancel_requested": state == JobState.RUNNING}
 
     @app.get("/studies")
     def list_studies(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """Recent studies with instance counts and their jobs' states."""
-        studies = node.ledger.study_rows(limit=limit)
-        for study in studies:
-            study["jobs"] = [{"uid": j["uid"], "task": j["analysis"], "status": j["state"]}
-                             for j in node.ledger.job_rows(study_uid=study["study_uid"], limit=50)]
+        studies = []
+        for study in jobs.studies(limit=limit):
+            view = study.to_json()
+            view["jobs"] = [{"uid": j.uid, "task": j.analysis, "status": str(j.state)}
+                            for j in jobs.jobs(study_uid=study.study_uid, limit=50)]
+            studies.append(view)
         return {"studies": studies}
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
         """Liveness: the node answers, with its AE title, workers and queue."""
-        counts = node.ledger.counts()
-        return {"status": "ok", "ae_title": node.config.node.ae_title, "version": __version__,
-                "workers_busy": node.pool.busy_count() if node.pool else 0,
-                "jobs_queued": counts["jobs"].get("queued", 0), "tasks": sorted(node.runnable),
+        counts = jobs.counts()
+        return {"status": "ok", "ae_title": ae_title, "version": __version__, **live_figures(),
+                "jobs_queued": counts.jobs.get(JobState.QUEUED, 0), "tasks": jobs.task_names,
                 "token_required": token is not None, "time": time.time()}
 
     @app.get("/metrics")
     def metrics() -> Response:
         """Prometheus text format."""
-        return Response(node.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.get("/status", response_class=HTMLResponse, include_in_schema=False)
     def status_page() -> HTMLResponse:
-        from dicom_node.service.status_page import render_status_page
-
-        return HTMLResponse(render_status_page(node.config.node.ae_title))
+        return HTMLResponse(render_status_page(ae_title))
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
@@ -219,11 +232,10 @@ def create_app(node: Node, settings: ApiSettings) -> FastAPI:
 
 
 class ApiServer:
-    """uvicorn serving :func:`create_app` in a background thread; whoever starts it stops it."""
+    """uvicorn serving an application in a background thread; whoever starts it stops it."""
 
-    def __init__(self, node: Node, settings: ApiSettings) -> None:
+    def __init__(self, app: FastAPI, settings: ApiSettings) -> None:
         self.settings = settings
-        app = create_app(node, settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                 access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)

@@ -10,12 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.receive.scp import ReceiveCounters
 from dicom_node.state.ledger import Ledger
+from dicom_node.state.records import STAGES, DeliveryState, JobRecord, JobState, Origin, StudyRecord, StudyState
 
 logger = logging.getLogger(__name__)
 
-#: The stages of a job, as in the one-line job log.
-STAGES = ("receive", "wait", "queue", "load", "infer", "report", "send")
 #: Seconds: from a fast C-STORE of one instance to a slow model on a large study.
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -23,24 +23,24 @@ BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 class _LedgerCollector(Collector):
     """Queue depths and ingress counts read at scrape time, so they survive restarts."""
 
-    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]]) -> None:
         self.ledger = ledger
         self.receive_counters = receive_counters
 
     def collect(self) -> Iterator[Metric]:
         counts = self.ledger.counts()
         jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs in the ledger by state", labels=["state"])
-        for state in ("queued", "running", "done", "failed", "not_applicable", "superseded", "cancelled"):
-            jobs.add_metric([state], counts["jobs"].get(state, 0))
+        for state in JobState:
+            jobs.add_metric([state], counts.jobs.get(state, 0))
         yield jobs
         deliveries = GaugeMetricFamily("dicom_node_deliveries", "Deliveries by state", labels=["state"])
-        for state in ("pending", "sent", "dead", "superseded"):
-            deliveries.add_metric([state], counts["deliveries"].get(state, 0))
+        for delivery_state in DeliveryState:
+            deliveries.add_metric([delivery_state], counts.deliveries.get(delivery_state, 0))
         yield deliveries
         depth = GaugeMetricFamily("dicom_node_queue_depth", "Work waiting, by queue", labels=["queue"])
-        depth.add_metric(["jobs"], counts["jobs"].get("queued", 0))
-        depth.add_metric(["deliveries"], counts["deliveries"].get("pending", 0))
-        depth.add_metric(["studies_receiving"], counts.get("studies", {}).get("receiving", 0))
+        depth.add_metric(["jobs"], counts.jobs.get(JobState.QUEUED, 0))
+        depth.add_metric(["deliveries"], counts.deliveries.get(DeliveryState.PENDING, 0))
+        depth.add_metric(["studies_receiving"], counts.studies.get(StudyState.RECEIVING, 0))
         yield depth
         received = CounterMetricFamily(
             "dicom_node_instances_received", "Instances stored since start, by way in", labels=["origin"]
@@ -68,7 +68,7 @@ class NodeMetrics:
         Returns ``{origin: ReceiveCounters}`` for every way instances come in.
     """
 
-    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]]) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
             "dicom_node_stage_seconds", "Duration of each stage of a job", ["stage"],
@@ -80,12 +80,12 @@ class NodeMetrics:
         )
         self.registry.register(_LedgerCollector(ledger, receive_counters))
 
-    def observe_job(self, job: dict[str, Any], study: dict[str, Any] | None, outcome: str) -> None:
+    def observe_job(self, job: JobRecord, study: StudyRecord | None, outcome: str) -> None:
         """Record a finished job's stage timings (as in its log line) and outcome."""
-        for stage, seconds in job_timings(job, study).items():
+        for stage, seconds in job.stage_timings(study).items():
             if stage in STAGES and stage != "send" and seconds >= 0:
                 self.stage_seconds.labels(stage).observe(seconds)
-        self.jobs_finished.labels(job["analysis"], outcome).inc()
+        self.jobs_finished.labels(job.analysis, str(outcome)).inc()
 
     def observe_send(self, seconds: float) -> None:
         """Record one delivery's duration."""
@@ -94,15 +94,3 @@ class NodeMetrics:
     def render(self) -> bytes:
         """Return the metrics in the Prometheus text format."""
         return generate_latest(self.registry)
-
-
-def job_timings(job: dict[str, Any], study: dict[str, Any] | None) -> dict[str, float]:
-    """Return a job's stage timings, with receive, wait and queue derived from the ledger."""
-    timings = {k: float(v) for k, v in (job.get("timings") or {}).items()}
-    if study is not None:
-        timings.setdefault("receive", study["last_received_at"] - study["first_received_at"])
-        if study.get("completed_at"):
-            timings.setdefault("wait", max(0.0, study["completed_at"] - study["last_received_at"]))
-    if job.get("started_at"):
-        timings.setdefault("queue", job["started_at"] - job["created_at"])
-    return timings

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.base import AnalysisResult, Code, InputError, Measurement, SeriesRule, Structure
+from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure
+from inference.errors import InputError
 from inference.bodycomp import classical
 from inference.bodycomp.series_choice import choose_series
 from inference.bodycomp.config import (

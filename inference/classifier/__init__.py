@@ -46,7 +46,7 @@ def predict(
 
     Raises
     ------
-    inference.base.InputError
+    inference.errors.InputError
         If the files do not fit the model (count, geometry, an ROI missing or superfluous).
     inference.classifier.dataset.ArtifactError
         If ``artifact_path`` is not a trained classifier.

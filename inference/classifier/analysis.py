@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.base import AnalysisResult, Code, Finding, InputError, SeriesRule
+from inference.base import AnalysisResult, Code, Finding, SeriesRule
+from inference.errors import InputError
 from inference.classifier.dataset import labels_from_json
 from inference.volume import Volume, to_model_space
 

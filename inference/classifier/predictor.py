@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.base import InputError
 from inference.classifier.dataset import (
     ArtifactError,
     ClassificationLabel,
@@ -20,6 +19,7 @@ from inference.classifier.dataset import (
 )
 from inference.classifier.model import I3dClassifier, roi_channels
 from inference.classifier.planning import preprocess_arrays, read_case
+from inference.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.base import AnalysisResult, Code, InputError, Measurement, SeriesRule, Structure
+from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure
+from inference.errors import InputError
 from inference.volume import Volume, to_model_space
 
 if TYPE_CHECKING:

@@ -8,9 +8,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dicom_node.cli.main import CommandParsers
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +138,15 @@ def _add_training_options(p: argparse.ArgumentParser, name: str, lr: float, batc
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_parsers(subparsers: Any, train_group: Any) -> None:
-    """Add ``run-csv``, ``organize`` and ``prepare`` to ``subparsers`` and the two trainers to ``train_group``.
+def add_parsers(parsers: CommandParsers) -> None:
+    """Add ``run-csv``, ``organize``, ``prepare`` and ``train body-segmentation|slice-selection`` (a ``dicom_node.commands`` entry point).
 
     Parameters
     ----------
-    subparsers
-        The top-level ``add_subparsers()`` object of ``dicom-node``.
-    train_group
-        The ``add_subparsers()`` object of ``dicom-node train``.
+    parsers
+        Where ``dicom-node`` takes its installed commands.
     """
+    subparsers = parsers.commands
     p = subparsers.add_parser("run-csv", help="body composition on the studies a CSV lists")
     p.add_argument("csv", type=Path, help="columns MRN and ACC (folders MRN_ACC), or StudyName")
     p.add_argument("config", type=Path, help="model configuration (JSON or TOML); no weights: classical path")
@@ -187,6 +189,7 @@ def add_parsers(subparsers: Any, train_group: Any) -> None:
     p.add_argument("--val-every", type=int, default=5, help="every Nth slice goes to validation")
     p.set_defaults(func=_data_errors_as_config_errors(cmd_prepare))
 
+    train_group = parsers.group("train")
     p = train_group.add_parser("body-segmentation", help="train the body-composition 2D U-Net")
     _add_training_options(p, "bodycomp_seg", 1e-3, 4, 256)
     p.add_argument("-t", "--thoracic", action="store_true", help="no visceral fat class")

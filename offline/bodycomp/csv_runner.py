@@ -25,9 +25,8 @@ Among the series left, the best is chosen by :func:`inference.bodycomp.series_ch
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -46,28 +45,27 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from tqdm import tqdm
 
-from dicom_node.errors import ConfigError
-from dicom_node.state.ledger import SeriesInfo
-from offline.analyze import series_info
-from dicom_node.run.pipeline import identity_for, order_like_volume
-from dicom_node.schedule.selection import select_series
+from dicom_node.config import AnalysisSettings, NodeConfig, ResultKind, SeriesNumbers, build_config
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.receive.files import iter_files
 from dicom_node.receive.spool import write_atomic
-from dicom_node.uids import result_uids
-from inference.base import AnalysisResult, InputError
+from dicom_node.run.pipeline import LoadedSeries, identity_for, load_sources, report_results, run_analysis
+from dicom_node.schedule.selection import select_series
+from dicom_node.state.records import SeriesInfo
+from inference.base import AnalysisResult
 from inference.bodycomp.analysis import BodyCompositionAnalysis
 from inference.bodycomp.config import ModelConfigError
 from inference.bodycomp.plots import plot_slice_selection, save_slice_pngs
 from inference.bodycomp.series_choice import SeriesCandidate, choose_series
-from inference.volume import load_series
+from offline.analyze import safe_name, series_info
 from reports.preview import render_report_png
-from reports.seg import build_segmentation
 
 logger = logging.getLogger(__name__)
 
 #: Plausible skeletal muscle area at a level, cm² (see the module docstring).
 MUSCLE_AREA_CM2 = (40.0, 400.0)
-#: Series number of the optional DICOM SEG (the node's default for body composition).
-SEG_SERIES_NUMBER = 401
+#: Of the node's result objects, the runner files only the SEG (``--dicom_seg``).
+DICOM_OUTPUTS: tuple[ResultKind, ...] = ("seg",)
 RUN_LOG_FIELDS = ("study", "MRN", "ACC", "found", "folder", "series_processed", "error")
 
 
@@ -95,10 +93,33 @@ class RunOptions:
     progress: bool = True
 
 
-def safe_name(text: str) -> str:
-    """A file-name-safe version of an identifier (letters, digits, ``-``, ``.``; others ``_``)."""
-    cleaned = "".join(c if c.isalnum() or c in "-." else "_" for c in text.strip())
-    return cleaned.strip(".") or "UNKNOWN"
+@dataclass(frozen=True)
+class ResultSettings:
+    """What the DICOM SEG takes from the node configuration: the analysis' series numbers, the node's AE title."""
+
+    series_numbers: SeriesNumbers
+    node_name: str
+
+
+def result_settings(analysis_name: str, config: NodeConfig | None = None) -> ResultSettings:
+    """Return the series numbers and node name a configuration gives an analysis's results.
+
+    Parameters
+    ----------
+    analysis_name
+        The analysis, as named in ``[analyses]``.
+    config
+        The node configuration (default: the configuration defaults). An analysis it does not
+        configure gets the defaults of a configured one.
+
+    Returns
+    -------
+    ResultSettings
+        The series numbers and ``node.ae_title``.
+    """
+    config = build_config({}, source="defaults") if config is None else config
+    settings = config.analyses.get(analysis_name) or AnalysisSettings(plugin=analysis_name)
+    return ResultSettings(settings.series_numbers, config.node.ae_title)
 
 
 def read_study_csv(path: Path) -> list[StudyRequest]:
@@ -156,15 +177,9 @@ def _read_header(path: Path) -> Dataset | None:
         return None
 
 
-def _read_full(path: Path) -> Dataset:
-    ds = pydicom.dcmread(path)
-    _ = ds.pixel_array  # decode here, in the reading thread; pydicom keeps the array
-    return ds
-
-
 def scan_series(folder: Path, threads: int) -> dict[str, tuple[SeriesInfo, list[Path], Dataset]]:
     """Group the DICOM files under ``folder`` (any names, any depth) by series, headers read in threads."""
-    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    paths = list(iter_files(folder, include_hidden=True))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         headers = list(pool.map(_read_header, paths))
     grouped: dict[str, tuple[list[Path], Dataset]] = {}
@@ -183,13 +198,13 @@ def _kernel(ds: Dataset) -> str:
 
 
 def _write_series_outputs(
-    stem: str, result: AnalysisResult, sources: list[Dataset], volume_array: np.ndarray,
-    analysis: BodyCompositionAnalysis, results_dir: Path, options: RunOptions,
+    stem: str, info: SeriesInfo, result: AnalysisResult, loaded: LoadedSeries, analysis_name: str,
+    results_dir: Path, options: RunOptions, settings: ResultSettings,
 ) -> dict[str, str]:
     files: dict[str, str] = {}
-    identity = identity_for(result, "DICOMNODE")
+    identity = identity_for(result, settings.node_name)
     png = render_report_png(
-        sources, result.label_map, result.structures, result.measurements,
+        loaded.sources, result.label_map, result.structures, result.measurements,
         key_slices=result.key_slices or None, title=result.title, model_name=result.model_name,
         model_version=result.model_version, method=result.method, identity=identity,
     )
@@ -202,29 +217,40 @@ def _write_series_outputs(
     label_map = np.asarray(result.label_map)
     if options.segmentation_range_mm > 0:
         folder = results_dir / "all_slices" / stem
-        save_slice_pngs(volume_array, label_map, result.summary["levels"], folder)
+        save_slice_pngs(loaded.volume.array, label_map, result.summary["levels"], folder)
         files["all_slices"] = str(folder)
     if options.dicom_seg:
-        source = sources[0]
-        uids = result_uids(str(source.StudyInstanceUID), str(source.SeriesInstanceUID),
-                           analysis.name, analysis.model_version)
-        seg = build_segmentation(
-            sources, label_map.astype(np.uint8), result.structures,
-            series_instance_uid=uids["seg_series"], sop_instance_uid=uids["seg_instance"],
-            series_number=SEG_SERIES_NUMBER, series_description=f"{result.title} segmentation",
-            identity=identity,
+        built = report_results(
+            result, loaded.sources, study_uid=info.study_uid, series_uid=info.series_uid,
+            analysis=analysis_name, series_numbers=settings.series_numbers,
+            node_name=settings.node_name, kinds=DICOM_OUTPUTS,
         )
-        path = results_dir / "dicom_seg" / f"{stem}_seg.dcm"
-        seg.save_as(path, enforce_file_format=True)
-        files["dicom_seg"] = str(path)
+        seg = built.objects.get("seg")
+        if seg is not None:
+            path = results_dir / "dicom_seg" / f"{stem}_seg.dcm"
+            seg.save_as(path, enforce_file_format=True)
+            files["dicom_seg"] = str(path)
     return files
+
+
+def _reason(exc: BaseException) -> str:
+    """Name the error that made a series fail: the reader's or the analysis' own, not the pipeline's wrapper.
+
+    The pipeline steps wrap what went wrong in :class:`~dicom_node.errors.DicomNodeError`; the
+    runner's records have always named the underlying error (``InputError: ...``).
+    """
+    cause = exc.__cause__ if isinstance(exc, DicomNodeError) and exc.__cause__ is not None else exc
+    return f"{type(cause).__name__}: {cause}"
 
 
 def process_study(
     request: StudyRequest, folder: Path, analysis: BodyCompositionAnalysis, results_dir: Path,
-    options: RunOptions,
+    options: RunOptions, settings: ResultSettings | None = None,
 ) -> dict[str, Any]:
     """Analyse every usable series of one study folder and write its per-series outputs.
+
+    Each series goes through the node's pipeline steps (load, infer, and for ``--dicom_seg``
+    report); ``settings`` default to :func:`result_settings` of the analysis.
 
     Returns
     -------
@@ -233,6 +259,7 @@ def process_study(
         ``error`` when no series could be measured.
     """
     started = time.perf_counter()
+    settings = result_settings(analysis.name) if settings is None else settings
     record: dict[str, Any] = {"study": request.name, "MRN": request.mrn, "ACC": request.acc,
                               "found": True, "folder": str(folder), "error": None, "series": [],
                               "passed_over": []}
@@ -251,16 +278,14 @@ def process_study(
             "slice_thickness_mm": info.slice_thickness, "n_images": info.instance_count,
         }
         try:
-            with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
-                datasets = list(pool.map(_read_full, paths))
-            volume = load_series(datasets)
-            result = analysis.run(volume)
+            loaded = load_sources(paths, threads=options.num_threads)
+            result = run_analysis(analysis, loaded.volume)
             stem = f"{safe_name(request.name)}_{info.series_uid}"
-            files = _write_series_outputs(stem, result, order_like_volume(datasets, volume),
-                                          volume.array, analysis, results_dir, options)
-        except (InputError, InvalidDicomError, OSError, ValueError, RuntimeError) as exc:
+            files = _write_series_outputs(stem, info, result, loaded, analysis.name, results_dir,
+                                          options, settings)
+        except (DicomNodeError, OSError, ValueError, RuntimeError) as exc:
             logger.warning("study %s series %s failed: %s", request.name, info.series_uid, exc)
-            record["series"].append({**entry, "state": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+            record["series"].append({**entry, "state": "failed", "reason": _reason(exc)})
             continue
         record["series"].append({
             **entry, "state": "done", "files": files, "model_name": result.model_name,
@@ -365,7 +390,7 @@ def _load_record(path: Path) -> dict[str, Any] | None:
 
 def run_csv(
     csv_path: Path, config_path: Path, results_dir: Path, input_dirs: Sequence[Path],
-    options: RunOptions,
+    options: RunOptions, *, node_config: NodeConfig | None = None,
 ) -> dict[str, Any]:
     """Process every study of a CSV; one study's failure never stops the batch.
 
@@ -381,6 +406,9 @@ def run_csv(
         Folders holding the study folders.
     options
         The runner's options.
+    node_config
+        Where the DICOM SEG's series numbers (the body-composition analysis') and the node's
+        AE title come from (default: the configuration defaults).
 
     Returns
     -------
@@ -401,6 +429,7 @@ def run_csv(
     except ModelConfigError as exc:
         raise ConfigError(str(exc)) from None
     analysis.load(options.device)
+    settings = result_settings(analysis.name, node_config)
     for sub in ("json_files", "previews", "plots") + (("all_slices",) if options.segmentation_range_mm else ()) \
             + (("dicom_seg",) if options.dicom_seg else ()):
         (results_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -422,7 +451,7 @@ def run_csv(
             counts["not_found"] += 1
         else:
             try:
-                record = process_study(request, folder, analysis, results_dir, options)
+                record = process_study(request, folder, analysis, results_dir, options, settings)
             except Exception as exc:  # noqa: BLE001 - one broken study never stops the batch
                 logger.exception("study %s failed", request.name)
                 record = {"study": request.name, "MRN": request.mrn, "ACC": request.acc, "found": True,
@@ -448,7 +477,7 @@ def organize(src: Path, dst: Path, *, threads: int = 1) -> dict[str, int]:
     dict
         ``copied``, ``skipped`` (not DICOM) and ``studies`` counts.
     """
-    paths = sorted(p for p in src.rglob("*") if p.is_file())
+    paths = list(iter_files(src, include_hidden=True))
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         headers = list(pool.map(_read_header, paths))
     studies: set[str] = set()

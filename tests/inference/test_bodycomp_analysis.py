@@ -13,7 +13,8 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import SeriesNumbers
 from dicom_node.run.pipeline import JobSpec, run_job
-from inference.base import Analysis, InputError
+from inference.base import Analysis
+from inference.errors import InputError
 from inference.bodycomp.analysis import CLASSICAL_METHOD, BodyCompositionAnalysis
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA

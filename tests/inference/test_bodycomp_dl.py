@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.base import InputError
+from inference.errors import InputError
 from inference.bodycomp.analysis import MIXED_METHOD, BodyCompositionAnalysis
 from inference.bodycomp.config import BodyCompModelConfig, ModelConfigError, load_model_config
 from inference.bodycomp.segmentation import UNet2D, load_segmenter, mask_to_target, segment_slices

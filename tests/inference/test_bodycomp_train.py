@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Iterator, Sequence
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from offline.bodycomp.commands import add_parsers
+from dicom_node.cli.main import build_parser
 from dicom_node.errors import ConfigError
 from inference.bodycomp.config import load_model_config
 from inference.bodycomp.segmentation import load_segmenter
@@ -27,10 +26,7 @@ L3_Z_MM = 314.8
 
 
 def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dicom-node")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub, sub.add_parser("train").add_subparsers(dest="model", required=True))
-    args = parser.parse_args(list(argv))
+    args = build_parser().parse_args(list(argv))
     return int(args.func(args))
 
 

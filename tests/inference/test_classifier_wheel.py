@@ -11,7 +11,6 @@ Installing torch afresh would take minutes and gigabytes for no extra assurance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,16 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from offline.classifier import add_parsers
+from dicom_node.cli.main import build_parser
 from tests.conftest import REPO, SHARED_DATA
 
 MSD = SHARED_DATA / "hippocampus-msd"
 
 
 def cli(*args: object) -> int:
-    parser = argparse.ArgumentParser(prog="dicom-node")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["classifier", *map(str, args)])
+    parsed = build_parser().parse_args(["classifier", *map(str, args)])
     return int(parsed.func(parsed))
 
 

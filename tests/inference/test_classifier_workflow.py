@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from offline.classifier import add_parsers
+from dicom_node.cli.main import build_parser
 from dicom_node.config import AnalysisSettings, SeriesNumbers
 from dicom_node.run.pipeline import JobSpec, run_job
 from dicom_node.run.plugins import create_analysis
-from inference.base import InputError
+from inference.errors import InputError
 from inference.classifier import predict
 from inference.classifier.analysis import ClassifierAnalysis
 from inference.classifier.dataset import ArtifactError, find_task_dir, load_dataset
@@ -29,10 +28,8 @@ NO_ROI_TASK = "Task002_HippocampusVolumeNoROI"
 
 
 def cli(*args: object) -> int:
-    """Run ``dicom-node classifier ...`` through the parsers the lead wires into cli.py."""
-    parser = argparse.ArgumentParser(prog="dicom-node")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(["classifier", *map(str, args)])
+    """Run ``dicom-node classifier ...`` through the ``dicom-node`` parser."""
+    parsed = build_parser().parse_args(["classifier", *map(str, args)])
     return int(parsed.func(parsed))
 
 

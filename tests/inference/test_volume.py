@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from inference.base import InputError
+from inference.errors import InputError
 from inference.volume import (
     Volume,
     load_series,

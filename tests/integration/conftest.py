@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Protocol, TypedDict, Unpack
 
 import pytest
 
@@ -15,6 +16,26 @@ TEST_STABLE_AGE_S = 1
 """StableAge for tests: OnStableStudy fires about 1-2 s after the last instance."""
 
 _call_failed = pytest.StashKey[bool]()
+
+
+class OrthancOptions(TypedDict, total=False):
+    """Keyword arguments of :class:`OrthancProcess` a test may choose."""
+
+    node_aet: str
+    node_host: str
+    node_port: int
+    stable_age_s: int | None
+    overrides: Mapping[str, Any] | None
+    config_path: Path
+    http_port: int | None
+    dicom_port: int | None
+
+
+class OrthancFactory(Protocol):
+    """The ``make_orthanc`` fixture: start one more Orthanc and return it."""
+
+    def __call__(self, **options: Unpack[OrthancOptions]) -> OrthancProcess:
+        """Start an Orthanc configured with ``options``."""
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -46,7 +67,7 @@ def storescp(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreSc
 
 
 @pytest.fixture
-def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., OrthancProcess]]:
+def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OrthancFactory]:
     """Factory: ``make_orthanc(node_aet=..., node_host=..., node_port=..., **kwargs)``.
 
     Starts an Orthanc from the shipped orthanc.json and autoroute.lua (free ports, storage in
@@ -56,7 +77,7 @@ def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     """
     started: list[OrthancProcess] = []
 
-    def make(**kwargs: Any) -> OrthancProcess:
+    def make(**kwargs: Unpack[OrthancOptions]) -> OrthancProcess:
         kwargs.setdefault("stable_age_s", TEST_STABLE_AGE_S)
         if shutil.which("Orthanc") is None:
             pytest.fail("Orthanc is not on PATH: run scripts/setup.sh (apt package orthanc)")
@@ -73,6 +94,6 @@ def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
 
 
 @pytest.fixture
-def orthanc(make_orthanc: Callable[..., OrthancProcess], storescp: StoreScpProcess) -> OrthancProcess:
+def orthanc(make_orthanc: OrthancFactory, storescp: StoreScpProcess) -> OrthancProcess:
     """A running Orthanc (shipped config and Lua) whose ``dicom-node`` modality is ``storescp``."""
     return make_orthanc(node_aet=storescp.aet, node_host=storescp.host, node_port=storescp.port)

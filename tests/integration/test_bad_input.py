@@ -67,7 +67,7 @@ def send_without_study_uid() -> int:
 
 
 def jobs_by_series(node: NodeProcess) -> dict[tuple[str, str | None], dict[str, Any]]:
-    return {(j["analysis"], j["series_uid"]): j for j in node.ledger().job_rows(limit=1000)}
+    return {(j.analysis, j.series_uid): j for j in node.ledger().job_rows(limit=1000)}
 
 
 def series_uid_of(folder: Path) -> str:
@@ -118,17 +118,17 @@ def test_bad_input_fails_clearly_and_good_study_completes(
         jobs = node.ledger().job_rows(limit=1000)
         # 8 studies (the good one, five edge cases, two broken copies), two analyses each
         return len(jobs) == 16 and all(
-            j["state"] in ("done", "failed", "not_applicable") for j in jobs
-        ) and any(d["state"] == "sent" for j in jobs for d in j["deliveries"])
+            j.state in ("done", "failed", "not_applicable") for j in jobs
+        ) and any(d.state == "sent" for j in jobs for d in j.deliveries)
 
     wait_until(settled, deadline_s=180, what="every job finished", poll_s=0.5)
     jobs = jobs_by_series(node)
     good = jobs[("hippocampus", good_series)]
-    assert good["state"] == "done"
-    assert [d["state"] for d in good["deliveries"]] == ["sent"]
+    assert good.state == "done"
+    assert [d.state for d in good.deliveries] == ["sent"]
 
     def reason(folder: Path) -> str:
-        return str(jobs[("any-series", series_uid_of(folder))]["reason"])
+        return str(jobs[("any-series", series_uid_of(folder))].reason)
 
     assert "gantry tilt or sheared stack" in reason(EDGE / "failing" / "gantrytilting")
     assert "slice(s) missing" in reason(EDGE / "failing" / "sliceincrement" / "001")
@@ -136,15 +136,15 @@ def test_bad_input_fails_clearly_and_good_study_completes(
     # JPEG 2000 decodes; this series lacks the FrameOfReferenceUID its IOD requires, which a SEG
     # must reference: the job says so instead of filing an object that breaks the standard
     j2k = jobs[("any-series", series_uid_of(EDGE / "generic" / "compressed_j2k"))]
-    assert j2k["state"] == "failed"
-    assert j2k["reason"].startswith("StudyNotProcessable: results cannot reference this series")
-    assert "Frame Of Reference UID" in j2k["reason"]
+    assert j2k.state == "failed"
+    assert j2k.reason.startswith("StudyNotProcessable: results cannot reference this series")
+    assert "Frame Of Reference UID" in j2k.reason
     truncated_job = jobs[("any-series", series_uid_of(tmp_path / "truncated"))]
-    assert truncated_job["state"] == "failed"
-    assert "pixel data" in truncated_job["reason"].lower()
+    assert truncated_job.state == "failed"
+    assert "pixel data" in truncated_job.reason.lower()
     # the default analysis says why the other studies were not for it
-    not_applicable = [j["reason"] for j in node.ledger().job_rows(limit=1000)
-                      if j["analysis"] == "hippocampus" and j["state"] == "not_applicable"]
+    not_applicable = [j.reason for j in node.ledger().job_rows(limit=1000)
+                      if j.analysis == "hippocampus" and j.state == "not_applicable"]
     assert any("modality CT is not MR" in r for r in not_applicable)
     assert any("5 slices, fewer than the minimum of 20" in r for r in not_applicable)
     assert any("description does not match" in r for r in not_applicable)

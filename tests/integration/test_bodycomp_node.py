@@ -51,10 +51,10 @@ def test_ct_study_gets_body_composition_results(
             return found if len(found) == 3 else None
 
         found = wait_until(results, deadline_s=180, what="body composition results in Orthanc", poll_s=0.5)
-        jobs = {j["analysis"]: j for j in node.ledger().job_rows()}
-        assert jobs["hippocampus"]["state"] == "not_applicable"
-        assert "modality CT is not MR" in jobs["hippocampus"]["reason"]
-        summary = jobs["body-composition"]["summary"]
+        jobs = {j.analysis: j for j in node.ledger().job_rows()}
+        assert jobs["hippocampus"].state == "not_applicable"
+        assert "modality CT is not MR" in jobs["hippocampus"].reason
+        summary = jobs["body-composition"].summary
         assert summary["method"].startswith("classical HU thresholds")
         areas = {m["structure"]: m["value"] for m in summary["measurements"] if m["unit"] == "cm2"}
         assert set(areas) == {"Skeletal muscle", "Subcutaneous fat", "Visceral fat"}

@@ -79,10 +79,10 @@ def test_orthanc_routes_study1_and_results_are_filed_in_the_same_study(
     assert all(len(results[k]) == 1 for k in ("SEG", "SR", "SC"))
     # the node analysed only the crop series; the four 512x512 series were passed over
     jobs = node.ledger().job_rows()
-    assert [j["state"] for j in jobs] == ["done"]
+    assert [j.state for j in jobs] == ["done"]
     crop_uid = str(pydicom.dcmread(next(CROP_SERIES.glob("*.dcm"))).SeriesInstanceUID)
-    assert jobs[0]["series_uid"] == crop_uid
-    assert node.ledger().counts()["instances"]["received"] == 32 + 4 * 22
+    assert jobs[0].series_uid == crop_uid
+    assert node.ledger().counts().instances == 32 + 4 * 22
     # the SEG as filed in Orthanc references the crop series, frame by frame
     seg_instance = results["SEG"][0]["Instances"][0]
     raw = orthanc.request("GET", f"/instances/{seg_instance}/file")
@@ -98,11 +98,11 @@ def test_orthanc_routes_study1_and_results_are_filed_in_the_same_study(
     assert seg.StudyDescription == pydicom.dcmread(next(CROP_SERIES.glob("*.dcm"))).StudyDescription
     # the routing flag keeps our results from being routed back to the node
     time.sleep(3)
-    assert node.ledger().counts()["instances"]["received"] == 32 + 4 * 22
+    assert node.ledger().counts().instances == 32 + 4 * 22
 
 
 def deliveries_of(node: NodeProcess) -> Counter[str]:
-    return Counter(d["state"] for j in node.ledger().job_rows() for d in j["deliveries"])
+    return Counter(d.state for j in node.ledger().job_rows() for d in j.deliveries)
 
 
 def received_sops(scp: StoreScpProcess) -> Counter[str]:
@@ -118,14 +118,14 @@ def test_kill_during_receive_then_restart_delivers_once(
     files = sorted(CROP_SERIES.glob("*.dcm"))
     run_storescu(files[:16], node.port, called_aet="AINODE")
     node.kill()
-    acknowledged = node.ledger().counts()["instances"]["received"]
+    acknowledged = node.ledger().counts().instances
     assert acknowledged == 16
     node.start()
     run_storescu(files, node.port, called_aet="AINODE")  # the sender retries the whole series
     wait_until(lambda: deliveries_of(node)["sent"] == 1, deadline_s=120, what="results sent")
     sops = received_sops(storescp)
     assert len(sops) == 3 and set(sops.values()) == {1}
-    assert node.ledger().counts()["instances"]["received"] == 32
+    assert node.ledger().counts().instances == 32
 
 
 def test_kill_while_job_runs_then_restart_delivers_once(
@@ -136,13 +136,13 @@ def test_kill_while_job_runs_then_restart_delivers_once(
     node = make_node(destinations={"pacs": (storescp.aet, storescp.host, storescp.port)}, config=config)
     node.start()
     run_storescu([CROP_SERIES], node.port, called_aet="DICOMNODE")
-    wait_until(lambda: any(j["state"] == "running" for j in node.ledger().job_rows()),
+    wait_until(lambda: any(j.state == "running" for j in node.ledger().job_rows()),
                deadline_s=30, what="job running")
     node.kill()
     node.start()
     wait_until(lambda: deliveries_of(node)["sent"] == 1, deadline_s=120, what="results sent")
     (job,) = node.ledger().job_rows()
-    assert job["state"] == "done" and job["attempts"] == 2
+    assert job.state == "done" and job.attempts == 2
     time.sleep(1.0)
     sops = received_sops(storescp)
     assert len(sops) == 3 and set(sops.values()) == {1}
@@ -155,10 +155,10 @@ def test_destination_down_results_delivered_when_back(
     node = make_node(destinations={"pacs": ("PACS", "127.0.0.1", scp.port)})
     node.start()
     run_storescu([CROP_SERIES], node.port, called_aet="DICOMNODE")
-    wait_until(lambda: any(d.get("attempts", 0) >= 2 for j in node.ledger().job_rows()
-                           for d in j["deliveries"]), deadline_s=60, what="two failed attempts")
+    wait_until(lambda: any(d.attempts >= 2 for j in node.ledger().job_rows()
+                           for d in j.deliveries), deadline_s=60, what="two failed attempts")
     (job,) = node.ledger().job_rows()
-    assert "cannot connect to PACS@127.0.0.1" in job["deliveries"][0]["last_error"]
+    assert "cannot connect to PACS@127.0.0.1" in job.deliveries[0].last_error
     scp.start()
     try:
         wait_until(lambda: deliveries_of(node)["sent"] == 1, deadline_s=60, what="delivery")
@@ -175,14 +175,14 @@ def test_late_instance_supersedes_results_under_the_same_uids(
     files = sorted(CROP_SERIES.glob("*.dcm"), key=lambda p: int(p.stem))
     run_storescu(files[:-1], node.port, called_aet="DICOMNODE")
     wait_until(lambda: deliveries_of(node)["sent"] == 1, deadline_s=60, what="first results")
-    first = node.ledger().job_rows()[0]["summary"]
+    first = node.ledger().job_rows()[0].summary
     run_storescu(files[-1:], node.port, called_aet="DICOMNODE")  # a late instance
     wait_until(lambda: deliveries_of(node)["sent"] == 2, deadline_s=60, what="second results")
     jobs = node.ledger().job_rows()
-    assert [j["generation"] for j in jobs] == [2, 1]
-    second = jobs[0]["summary"]
+    assert [j.generation for j in jobs] == [2, 1]
+    second = jobs[0].summary
     assert second["result_uids"] == first["result_uids"]  # replaces, never adds
     sops = received_sops(storescp)
     assert len(sops) == 3 and set(sops.values()) == {2}
-    study = node.ledger().study(jobs[0]["study_uid"])
-    assert study is not None and study["generation"] == 2
+    study = node.ledger().study(jobs[0].study_uid)
+    assert study is not None and study.generation == 2

@@ -70,8 +70,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 def test_ohif_overlay_has_the_nodes_volume(stack: LocalStack, browser_result: dict[str, Any]) -> None:
     """OHIF's own statistics of the decoded anterior segment match the node's measurement."""
-    job = next(j for j in stack.node.ledger().job_rows() if j["state"] == "done")
-    volumes = {m["structure"] or m["name"]: m["value"] for m in job["summary"]["measurements"]}
+    job = next(j for j in stack.node.ledger().job_rows() if j.state == "done")
+    volumes = {m["structure"] or m["name"]: m["value"] for m in job.summary["measurements"]}
     expected = next(v for k, v in volumes.items() if "anterior" in k.lower())
     match = re.search(r"Hippocampus anterior .*?Volume ([\d,.]+) mm", browser_result["seg_anterior_stats"])
     assert match, browser_result["seg_anterior_stats"][-2000:]
@@ -97,8 +97,8 @@ def _sr_locations(stack: LocalStack) -> dict[str, int]:
 
 def test_ohif_shows_each_sr_measurement_on_its_image(stack: LocalStack, browser_result: dict[str, Any]) -> None:
     """Opening the SR, OHIF labels every volume with its structure, on the image the SR outlines."""
-    job = next(j for j in stack.node.ledger().job_rows() if j["state"] == "done")
-    measurements = job["summary"]["measurements"]
+    job = next(j for j in stack.node.ledger().job_rows() if j.state == "done")
+    measurements = job.summary["measurements"]
     assert len(measurements) == 3
     locations = _sr_locations(stack)
     shown = {}

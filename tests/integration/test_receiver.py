@@ -15,7 +15,7 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
 from dicom_node import status
 from dicom_node.config import NodeSettings
-from dicom_node.state.ledger import Ledger
+from dicom_node.state.sqlite import SqliteLedger
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.spool import Spool
 from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA
@@ -30,7 +30,7 @@ def make_scp(tmp_path: Path, **settings: object) -> StorageSCP:
     settings.setdefault("min_free_disk_bytes", 0)
     config = NodeSettings(host="127.0.0.1", port=free_port(), data_dir=tmp_path,
                           **settings)  # type: ignore[arg-type]
-    return StorageSCP(config, Spool(tmp_path / "spool"), Ledger(tmp_path / "ledger.sqlite3"))
+    return StorageSCP(config, Spool(tmp_path / "spool"), SqliteLedger(tmp_path / "ledger.sqlite3"))
 
 
 @pytest.fixture

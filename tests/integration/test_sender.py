@@ -11,7 +11,8 @@ import pytest
 from dicom_node.cli.main import main
 from dicom_node.config import Destination
 from dicom_node.errors import DeliveryFailed
-from dicom_node.deliver.sender import backoff_s, echo, send_files
+from dicom_node.deliver.delivery import backoff_s
+from dicom_node.deliver.sender import echo, send_files
 from tests.conftest import HIPPO_CROP_STUDY1
 from deploy.local.orthanc_process import StoreScpProcess, free_port
 

@@ -43,19 +43,19 @@ def test_partial_writes_wait_then_the_series_is_analysed_like_a_c_store(tmp_path
             # short pauses, then one longer than settle_s: only completeness keeps it out then
             time.sleep(SETTLE_S * 1.8 if index == 1 else SETTLE_S * 0.5)
             assert target.exists(), "a half-written file was taken"
-            assert node.ledger().counts()["instances"]["received"] == 0
+            assert node.ledger().counts().instances == 0
     wait_until(lambda: not target.exists(), deadline_s=20, what="file ingested")
     (stored,) = node.ledger().recorded_paths()
     assert Path(stored).read_bytes() == data  # byte for byte, as a C-STORE would store it
     # the rest of the series as a folder tree, plus a file that is not DICOM
     shutil.copytree(HIPPO_CROP_STUDY1, drop / "export" / "series", ignore=shutil.ignore_patterns(files[0].name))
     (drop / "export" / "readme.txt").write_text("exported by a workstation")
-    wait_until(lambda: node.ledger().counts()["instances"]["received"] == 32, deadline_s=30, what="32 instances")
-    job = wait_until(lambda: next((j for j in node.ledger().job_rows() if j["state"] in ("done", "failed")), None),
+    wait_until(lambda: node.ledger().counts().instances == 32, deadline_s=30, what="32 instances")
+    job = wait_until(lambda: next((j for j in node.ledger().job_rows() if j.state in ("done", "failed")), None),
                      deadline_s=60, what="hippocampus job")
-    assert job["state"] == "done" and job["origin"] == "watch" and job["analysis"] == "hippocampus"
+    assert job.state == "done" and job.origin == "watch" and job.analysis == "hippocampus"
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    assert job["study_uid"] == study_uid
+    assert job.study_uid == study_uid
     reason = wait_until(lambda: (p := tmp_path / "rejected" / "export" / "readme.txt.reason.txt").exists()
                         and p.read_text(), deadline_s=20, what="rejected with reason")
     assert "not a readable DICOM file" in reason

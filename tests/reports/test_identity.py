@@ -9,9 +9,9 @@ from reports.identity import (
     Identity,
     build_algorithm_identification,
     copy_study_attributes,
-    derive_uid,
     source_headers,
 )
+from reports.uids import derive_uid
 
 
 def _source() -> Dataset:

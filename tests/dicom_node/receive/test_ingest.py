@@ -11,7 +11,7 @@ from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RejectedInstance
 from dicom_node.receive.ingest import Ingestor
-from dicom_node.state.ledger import Ledger
+from dicom_node.state.sqlite import SqliteLedger
 from dicom_node.receive.scp import ReceiveCounters
 from dicom_node.receive.spool import Spool
 from tests.conftest import HIPPO_CROP_STUDY1
@@ -20,7 +20,7 @@ from tests.conftest import HIPPO_CROP_STUDY1
 @pytest.fixture
 def ingestor(tmp_path: Path) -> Ingestor:
     return Ingestor(NodeSettings(min_free_disk_bytes=0), Spool(tmp_path / "spool"),
-                    Ledger(tmp_path / "ledger.sqlite3"), counters=ReceiveCounters())
+                    SqliteLedger(tmp_path / "ledger.sqlite3"), counters=ReceiveCounters())
 
 
 def test_a_series_folder_is_stored_like_received_instances(ingestor: Ingestor) -> None:
@@ -35,7 +35,7 @@ def test_a_series_folder_is_stored_like_received_instances(ingestor: Ingestor) -
               for p in HIPPO_CROP_STUDY1.glob("*.dcm")}
     for stored in report.stored:  # stored exactly as they were, byte for byte
         assert Path(stored.path).read_bytes() == by_sop[stored.sop_instance_uid].read_bytes()
-    assert (ingestor.ledger.study(study) or {})["origin"] == "watch"
+    assert getattr(ingestor.ledger.study(study), "origin", None) == "watch"
 
 
 def test_truncated_garbage_and_uid_less_files_are_refused(ingestor: Ingestor, tmp_path: Path) -> None:

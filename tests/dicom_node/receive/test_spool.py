@@ -50,12 +50,12 @@ def test_spool_files_missing_from_the_ledger_are_recovered(tmp_path: Path) -> No
 
     import pydicom
 
-    from dicom_node.service.node import recover_spool
-    from dicom_node.state.ledger import Ledger
+    from dicom_node.receive.recovery import recover_spool
+    from dicom_node.state.sqlite import SqliteLedger
     from tests.conftest import HIPPO_CROP_STUDY1
 
     spool = Spool(tmp_path / "spool")
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     sources = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[:3]
     for source in sources:
         ds = pydicom.dcmread(source, stop_before_pixels=True)

@@ -9,7 +9,7 @@ import pytest
 
 from dicom_node.config import NodeSettings, WatchSettings
 from dicom_node.receive.ingest import Ingestor
-from dicom_node.state.ledger import Ledger
+from dicom_node.state.sqlite import SqliteLedger
 from dicom_node.receive.spool import Spool
 from dicom_node.receive.watch import WatchFolder
 from tests.conftest import HIPPO_CROP_STUDY1, FakeClock
@@ -17,7 +17,7 @@ from tests.conftest import HIPPO_CROP_STUDY1, FakeClock
 
 def make_watcher(tmp_path: Path, clock: FakeClock, **settings: object) -> WatchFolder:
     ingestor = Ingestor(NodeSettings(min_free_disk_bytes=0), Spool(tmp_path / "spool"),
-                        Ledger(tmp_path / "ledger.sqlite3"))
+                        SqliteLedger(tmp_path / "ledger.sqlite3"))
     watch = WatchSettings(dir=tmp_path / "in", settle_s=2.0, give_up_s=10.0, **settings)  # type: ignore[arg-type]
     (tmp_path / "in").mkdir()
     return WatchFolder(watch, ingestor, rejected_default=tmp_path / "rejected", clock=clock)

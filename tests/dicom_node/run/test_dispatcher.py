@@ -54,14 +54,14 @@ def test_jobs_run_and_a_hung_job_is_stopped(tmp_path: Path) -> None:
         assert pool.submit(crop_job(tmp_path, "hippocampus"))
         assert not pool.submit(crop_job(tmp_path / "busy", "slow"))  # the only worker is busy
         (done,) = wait_for(pool, 60)
-        assert done.error is None and done.outcome is not None
+        assert done.failure is None and done.outcome is not None
         assert {Path(f).name for f in done.outcome.files} >= {"seg.dcm", "sc.dcm", "sr.dcm"}
         assert set(done.outcome.timings) == {"load", "infer", "report"}
 
         assert pool.submit(crop_job(tmp_path, "slow"))
         started = time.monotonic()
         (hung,) = wait_for(pool, 40)
-        assert hung.error == "timed out after 10 s; the worker was stopped"
+        assert hung.failure is not None and hung.failure.message == "timed out after 10 s; the worker was stopped"
         assert 10.0 <= time.monotonic() - started < 20.0
         assert pool.wait_ready(120)  # a fresh worker took its place
         assert pool.submit(crop_job(tmp_path / "again", "hippocampus"))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from dicom_node.config import GroupingSettings
 from dicom_node.schedule.grouper import StudyTracker
-from dicom_node.state.ledger import InstanceRecord, Ledger
+from dicom_node.state.records import InstanceRecord
+from dicom_node.state.sqlite import SqliteLedger
 from inference.base import SeriesRule
 from tests.conftest import FakeClock
 
@@ -16,7 +17,7 @@ MR = {
 RULES = {"hippocampus": SeriesRule(modalities=("MR",), description_pattern="hippo", min_slices=2)}
 
 
-def receive(ledger: Ledger, clock: FakeClock, n: int, series: str = "1.2.3", **attrs: object) -> None:
+def receive(ledger: SqliteLedger, clock: FakeClock, n: int, series: str = "1.2.3", **attrs: object) -> None:
     for i in range(n):
         sop = f"{series}.{i + 1}"
         ledger.record_instance(
@@ -27,13 +28,13 @@ def receive(ledger: Ledger, clock: FakeClock, n: int, series: str = "1.2.3", **a
         clock.advance(0.1)
 
 
-def tracker(ledger: Ledger, clock: FakeClock, quiet: float = 5, max_wait: float = 60) -> StudyTracker:
+def tracker(ledger: SqliteLedger, clock: FakeClock, quiet: float = 5, max_wait: float = 60) -> StudyTracker:
     return StudyTracker(ledger, GroupingSettings(quiet_period_s=quiet, max_wait_s=max_wait), RULES, 20,
                         clock=clock)
 
 
 def test_study_completes_after_quiet_period(tmp_path: Path, clock: FakeClock) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
     grouper = tracker(ledger, clock)
     receive(ledger, clock, 3)
     assert grouper.tick() == []
@@ -45,7 +46,7 @@ def test_study_completes_after_quiet_period(tmp_path: Path, clock: FakeClock) ->
 
 
 def test_max_wait_completes_a_study_that_keeps_receiving(tmp_path: Path, clock: FakeClock) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
     grouper = tracker(ledger, clock, quiet=5, max_wait=10)
     for _ in range(40):
         receive(ledger, clock, 1, series=f"1.2.{_ + 10}")
@@ -57,7 +58,7 @@ def test_max_wait_completes_a_study_that_keeps_receiving(tmp_path: Path, clock: 
 
 
 def test_one_job_per_selected_series_and_not_applicable(tmp_path: Path, clock: FakeClock) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
     rules = {**RULES, "other": SeriesRule(modalities=("CT",))}
     grouper = StudyTracker(ledger, GroupingSettings(quiet_period_s=1, max_wait_s=60), rules, 20,
                            clock=clock)
@@ -65,15 +66,15 @@ def test_one_job_per_selected_series_and_not_applicable(tmp_path: Path, clock: F
     receive(ledger, clock, 3, series="1.2.4", description="T1post")
     clock.advance(2)
     grouper.tick()
-    jobs = {(j["analysis"], j["series_uid"]): j for j in ledger.job_rows()}
-    assert jobs[("hippocampus", "1.2.3")]["state"] == "queued"
+    jobs = {(j.analysis, j.series_uid): j for j in ledger.job_rows()}
+    assert jobs[("hippocampus", "1.2.3")].state == "queued"
     other = jobs[("other", None)]
-    assert other["state"] == "not_applicable"
-    assert "modality MR is not CT" in other["reason"]
+    assert other.state == "not_applicable"
+    assert "modality MR is not CT" in other.reason
 
 
 def test_late_instance_triggers_new_analysis(tmp_path: Path, clock: FakeClock) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite3")
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
     grouper = tracker(ledger, clock)
     receive(ledger, clock, 3)
     clock.advance(6)
@@ -83,5 +84,5 @@ def test_late_instance_triggers_new_analysis(tmp_path: Path, clock: FakeClock) -
                        "1.2.840.10008.1.2.1", "/s/x", 10, "ORTHANC", clock()), MR)
     clock.advance(6)
     assert len(grouper.tick()) == 1
-    generations = sorted(j["generation"] for j in ledger.job_rows())
+    generations = sorted(j.generation for j in ledger.job_rows())
     assert generations == [1, 2]

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from dicom_node.state.ledger import SeriesInfo
+from dicom_node.state.records import SeriesInfo
 from dicom_node.schedule.selection import check_series, select_series, slice_orientation
 from inference.base import SeriesRule
 

@@ -8,13 +8,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 
 from dicom_node.receive.ingest import series_attributes
-from dicom_node.state.ledger import InstanceRecord, Ledger, PlannedJob
+from dicom_node.state.records import InstanceRecord, PlannedJob
+from dicom_node.state.sqlite import SqliteLedger
 from dicom_node.service.metrics import NodeMetrics
 from dicom_node.receive.scp import ReceiveCounters
 
 
 def test_metrics_parse_and_count(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     ledger.record_instance(InstanceRecord("1.2.3.1", "1.2.3", "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1",
                                           "/spool/x.dcm", 10, "ORTHANC", 1.0),
                           series_attributes(Dataset()))
@@ -25,8 +26,10 @@ def test_metrics_parse_and_count(tmp_path: Path) -> None:
     metrics = NodeMetrics(ledger, lambda: {"dicom": counters})
     job = ledger.claim_next_job(4.0, ["a"])
     assert job is not None
-    ledger.finish_job(job["id"], 6.0, state="done", timings={"infer": 1.5, "report": 0.2})
-    metrics.observe_job(ledger.job(job["uid"]) or {}, ledger.study("1.2"), "done")
+    ledger.finish_job(job.id, 6.0, state="done", timings={"infer": 1.5, "report": 0.2})
+    finished = ledger.job(job.uid)
+    assert finished is not None
+    metrics.observe_job(finished, ledger.study("1.2"), "done")
     metrics.observe_send(0.3)
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.state.ledger import InstanceRecord, Ledger, PlannedJob
+from dicom_node.state.records import InstanceRecord, PlannedJob
+
+from dicom_node.state.sqlite import SqliteLedger
 
 SERIES = {
     "modality": "MR", "description": "HippoCrop", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
@@ -19,16 +21,16 @@ def record(sop: str, at: float, study: str = "1.2", series: str = "1.2.3") -> In
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path / "ledger.sqlite3")
+def ledger(tmp_path: Path) -> SqliteLedger:
+    return SqliteLedger(tmp_path / "ledger.sqlite3")
 
 
-def test_wal_mode(ledger: Ledger) -> None:
+def test_wal_mode(ledger: SqliteLedger) -> None:
     mode = ledger._connection().execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
-def test_instances_group_into_a_study(ledger: Ledger) -> None:
+def test_instances_group_into_a_study(ledger: SqliteLedger) -> None:
     assert ledger.record_instance(record("1.2.3.1", 10.0), SERIES)
     assert ledger.record_instance(record("1.2.3.2", 11.0), SERIES)
     assert not ledger.record_instance(record("1.2.3.2", 12.0), SERIES)  # received again
@@ -36,10 +38,10 @@ def test_instances_group_into_a_study(ledger: Ledger) -> None:
     assert info.instance_count == 2 and info.description == "HippoCrop"
     assert info.orientation == (1, 0, 0, 0, 1, 0)
     study = ledger.study("1.2")
-    assert study is not None and study["last_received_at"] == 11.0
+    assert study is not None and study.last_received_at == 11.0
 
 
-def test_due_by_quiet_period_or_max_wait(ledger: Ledger) -> None:
+def test_due_by_quiet_period_or_max_wait(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.record_instance(record("1.2.3.2", 108.0), SERIES)
     assert ledger.studies_due(110.0, quiet_period_s=5, max_wait_s=60) == []
@@ -47,102 +49,102 @@ def test_due_by_quiet_period_or_max_wait(ledger: Ledger) -> None:
     assert ledger.studies_due(109.0, quiet_period_s=5, max_wait_s=9) == ["1.2"]
 
 
-def test_job_life_cycle(ledger: Ledger) -> None:
+def test_job_life_cycle(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     (uid,) = ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     assert ledger.complete_study("1.2", 111.0, [PlannedJob("hippocampus", "1.2.3")]) == []
     job = ledger.claim_next_job(112.0, ["hippocampus"])
-    assert job is not None and job["uid"] == uid and job["attempts"] == 1
+    assert job is not None and job.uid == uid and job.attempts == 1
     assert ledger.claim_next_job(112.0, ["hippocampus"]) is None
-    state = ledger.finish_job(job["id"], 113.0, state="done", timings={"infer": 0.5},
+    state = ledger.finish_job(job.id, 113.0, state="done", timings={"infer": 0.5},
                               deliveries=[("pacs", ["/r/seg.dcm"])])
     assert state == "done"
     (delivery,) = ledger.due_deliveries(113.0)
-    assert delivery["files"] == ["/r/seg.dcm"] and delivery["job_uid"] == uid
+    assert delivery.files == ("/r/seg.dcm",) and delivery.job_uid == uid
 
 
 def test_running_jobs_are_requeued_after_a_crash(tmp_path: Path) -> None:
-    first = Ledger(tmp_path / "l.sqlite3")
+    first = SqliteLedger(tmp_path / "l.sqlite3")
     first.record_instance(record("1.2.3.1", 100.0), SERIES)
     first.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     assert first.claim_next_job(111.0, ["hippocampus"]) is not None
-    reopened = Ledger(tmp_path / "l.sqlite3")  # as after kill -9
+    reopened = SqliteLedger(tmp_path / "l.sqlite3")  # as after kill -9
     assert reopened.requeue_interrupted() == 1
     job = reopened.claim_next_job(120.0, ["hippocampus"])
-    assert job is not None and job["attempts"] == 2
+    assert job is not None and job.attempts == 2
 
 
-def test_late_instance_opens_a_new_generation_and_supersedes(ledger: Ledger) -> None:
+def test_late_instance_opens_a_new_generation_and_supersedes(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     running = ledger.claim_next_job(111.0, ["hippocampus"])
     assert running is not None
     assert ledger.record_instance(record("1.2.3.9", 112.0), SERIES)
     study = ledger.study("1.2")
-    assert study is not None and study["state"] == "receiving" and study["generation"] == 2
+    assert study is not None and study.state == "receiving" and study.generation == 2
     # the job of generation 1 finishes after the new instance arrived: nothing is sent
-    assert ledger.finish_job(running["id"], 113.0, state="done",
+    assert ledger.finish_job(running.id, 113.0, state="done",
                              deliveries=[("pacs", ["/r/seg.dcm"])]) == "superseded"
     assert ledger.due_deliveries(200.0) == []
     (new_uid,) = ledger.complete_study("1.2", 120.0, [PlannedJob("hippocampus", "1.2.3")])
     job = ledger.claim_next_job(121.0, ["hippocampus"])
-    assert job is not None and job["uid"] == new_uid and job["generation"] == 2
+    assert job is not None and job.uid == new_uid and job.generation == 2
 
 
-def test_pending_delivery_of_old_generation_is_superseded(ledger: Ledger) -> None:
+def test_pending_delivery_of_old_generation_is_superseded(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     job = ledger.claim_next_job(111.0, ["hippocampus"])
     assert job is not None
-    ledger.finish_job(job["id"], 112.0, state="done", deliveries=[("pacs", ["/r/seg.dcm"])])
+    ledger.finish_job(job.id, 112.0, state="done", deliveries=[("pacs", ["/r/seg.dcm"])])
     ledger.record_instance(record("1.2.3.9", 113.0), SERIES)
     ledger.complete_study("1.2", 120.0, [PlannedJob("hippocampus", "1.2.3")])
     assert ledger.due_deliveries(200.0) == []
 
 
-def test_delivery_retry_and_dead_letter(ledger: Ledger) -> None:
+def test_delivery_retry_and_dead_letter(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     (uid,) = ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     job = ledger.claim_next_job(111.0, ["hippocampus"])
     assert job is not None
-    ledger.finish_job(job["id"], 112.0, state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
+    ledger.finish_job(job.id, 112.0, state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
     (delivery,) = ledger.due_deliveries(112.0)
-    ledger.delivery_failed(delivery["id"], 112.0, "connection refused", retry_at=172.0)
+    ledger.delivery_failed(delivery.id, 112.0, "connection refused", retry_at=172.0)
     assert ledger.due_deliveries(171.0) == []
     (delivery,) = ledger.due_deliveries(172.0)
-    ledger.delivery_failed(delivery["id"], 172.0, "connection refused", retry_at=None)
+    ledger.delivery_failed(delivery.id, 172.0, "connection refused", retry_at=None)
     assert ledger.due_deliveries(10_000.0) == []
     shown = ledger.job(uid)
     assert shown is not None
-    assert shown["deliveries"][0]["state"] == "dead"
-    assert shown["deliveries"][0]["last_error"] == "connection refused"
+    assert shown.deliveries[0].state == "dead"
+    assert shown.deliveries[0].last_error == "connection refused"
     assert ledger.redeliver(500.0, uid) == 1
     (delivery,) = ledger.due_deliveries(500.0)
-    ledger.delivery_succeeded(delivery["id"], 501.0)
-    assert ledger.counts()["deliveries"] == {"sent": 1}
+    ledger.delivery_succeeded(delivery.id, 501.0)
+    assert ledger.counts().deliveries == {"sent": 1}
 
 
-def test_not_applicable_jobs_carry_their_reason(ledger: Ledger) -> None:
+def test_not_applicable_jobs_carry_their_reason(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", None, "not_applicable", "no MR")])
     (job,) = ledger.job_rows()
-    assert job["state"] == "not_applicable" and job["reason"] == "no MR"
+    assert job.state == "not_applicable" and job.reason == "no MR"
     assert ledger.claim_next_job(111.0, ["hippocampus"]) is None
 
 
-def test_study_is_not_completed_on_a_stale_plan(ledger: Ledger) -> None:
+def test_study_is_not_completed_on_a_stale_plan(ledger: SqliteLedger) -> None:
     """An instance recorded between planning and completing: the plan may lack its series."""
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.record_instance(record("1.2.4.1", 101.0, series="1.2.4"), SERIES)
     assert ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")],
                                  instances_seen=1) == []
     study = ledger.study("1.2")
-    assert study is not None and study["state"] == "receiving"
+    assert study is not None and study.state == "receiving"
     assert ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")],
                                  instances_seen=2)
 
 
-def test_only_idle_studies_are_purged(ledger: Ledger) -> None:
+def test_only_idle_studies_are_purged(ledger: SqliteLedger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     assert ledger.studies_to_purge(before=1000.0) == []  # still receiving
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
@@ -150,24 +152,24 @@ def test_only_idle_studies_are_purged(ledger: Ledger) -> None:
     job = ledger.claim_next_job(111.0, ["hippocampus"])
     assert job is not None
     assert ledger.studies_to_purge(before=1000.0) == []  # running
-    ledger.finish_job(job["id"], 200.0, state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
+    ledger.finish_job(job.id, 200.0, state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
     assert ledger.studies_to_purge(before=1000.0) == []  # its result is not sent yet
     (delivery,) = ledger.due_deliveries(200.0)
-    ledger.delivery_failed(delivery["id"], 201.0, "connection refused", retry_at=None)  # dead
+    ledger.delivery_failed(delivery.id, 201.0, "connection refused", retry_at=None)  # dead
     assert ledger.studies_to_purge(before=199.0) == []  # a job finished after the cut-off
     assert ledger.studies_to_purge(before=200.0) == ["1.2"]
 
     assert ledger.forget_instances("1.2", now=300.0) == 1
     assert ledger.series_of_study("1.2") == [] and ledger.recorded_paths() == set()
     study = ledger.study("1.2")
-    assert study is not None and study["purged_at"] == 300.0 and study["state"] == "complete"
+    assert study is not None and study.purged_at == 300.0 and study.state == "complete"
     assert ledger.studies_to_purge(before=1000.0) == []  # nothing left to purge
-    assert ledger.job(job["uid"]) is not None  # the history stays
+    assert ledger.job(job.uid) is not None  # the history stays
 
     # A late instance after the purge opens a new generation, as any late instance does.
     assert ledger.record_instance(record("1.2.3.9", 400.0), SERIES)
     study = ledger.study("1.2")
-    assert study is not None and study["generation"] == 2 and study["purged_at"] is None
+    assert study is not None and study.generation == 2 and study.purged_at is None
     (info,) = ledger.series_of_study("1.2")
     assert info.instance_count == 1
 
@@ -185,5 +187,5 @@ def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
     db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom')")
     db.commit()
     db.close()
-    study = Ledger(path).study("1.2")
-    assert study is not None and study["purged_at"] is None and study["completed_at"] == 3.0
+    study = SqliteLedger(path).study("1.2")
+    assert study is not None and study.purged_at is None and study.completed_at == 3.0

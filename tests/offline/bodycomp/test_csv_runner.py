@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -15,7 +14,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from offline.bodycomp.commands import add_parsers
+from dicom_node.cli.main import build_parser
 from dicom_node.errors import ConfigError
 from tests.conftest import SHARED_DATA
 from tests.factories import series_from_nifti, write_datasets
@@ -24,12 +23,8 @@ CT = SHARED_DATA / "ct-abdomen"
 
 
 def cli(argv: Sequence[str]) -> int:
-    """Run one of the body-composition commands as ``dicom-node`` would (cli.py wires the same)."""
-    parser = argparse.ArgumentParser(prog="dicom-node")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train").add_subparsers(dest="model", required=True)
-    add_parsers(sub, train)
-    args = parser.parse_args(list(argv))
+    """Run one of the body-composition commands through the ``dicom-node`` parser, errors raised."""
+    args = build_parser().parse_args(list(argv))
     return int(args.func(args))
 
 

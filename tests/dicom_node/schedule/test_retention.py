@@ -10,8 +10,9 @@ import pytest
 
 from dicom_node.cli.main import main
 from dicom_node.config import NodeConfig
-from dicom_node.service.node import Node, recover_spool
-from dicom_node.state.ledger import PlannedJob
+from dicom_node.receive.recovery import recover_spool
+from dicom_node.service.node import Node
+from dicom_node.state.records import PlannedJob
 from tests.conftest import HIPPO_CROP_STUDY1, FakeClock
 
 DAY_S = 86400.0
@@ -37,9 +38,9 @@ def receive_and_finish(node: Node, clock: FakeClock) -> tuple[str, list[Path]]:
     node.ledger.complete_study(study_uid, clock(), [PlannedJob("hippocampus", series_uid)])
     job = node.ledger.claim_next_job(clock(), ["hippocampus"])
     assert job is not None
-    node.ledger.finish_job(job["id"], clock(), state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
+    node.ledger.finish_job(job.id, clock(), state="done", deliveries=[("pacs", ["/r/sr.dcm"])])
     (delivery,) = node.ledger.due_deliveries(clock())
-    node.ledger.delivery_succeeded(delivery["id"], clock())
+    node.ledger.delivery_succeeded(delivery.id, clock())
     paths = node.ledger.instance_paths(series_uid)
     assert len(paths) == len(source) and all(p.is_file() for p in paths)
     return study_uid, paths
@@ -57,8 +58,8 @@ def test_an_idle_study_leaves_the_spool_and_is_not_recovered(tmp_path: Path,
     assert node.purge_expired() == 1
     assert not any(p.exists() for p in paths) and not (node.spool.root / study_uid).exists()
     study = node.ledger.study(study_uid)
-    assert study is not None and study["purged_at"] == clock()
-    assert node.ledger.job_rows()[0]["state"] == "done"  # the history stays
+    assert study is not None and study.purged_at == clock()
+    assert node.ledger.job_rows()[0].state == "done"  # the history stays
     assert main(["status", "--data-dir", str(tmp_path)]) == 0
     assert f"{study_uid}  complete  generation 1  0 instance(s)  images deleted " in capsys.readouterr().out
     # A restart finds nothing to re-record: the study is not analysed again.
@@ -110,9 +111,9 @@ def test_retrying_a_job_of_a_purged_study_fails_with_the_reason(tmp_path: Path) 
     clock.advance(8 * DAY_S)
     assert node.purge_expired() == 1
     (job,) = node.ledger.job_rows()
-    assert node.ledger.retry_job(job["uid"])
+    assert node.ledger.retry_job(job.uid)
     claimed = node.ledger.claim_next_job(clock(), ["hippocampus"])
-    assert claimed is not None and node._spec(claimed) is None
-    failed = node.ledger.job(job["uid"])
-    assert failed is not None and failed["state"] == "failed"
-    assert "deleted from the spool by retention" in failed["reason"]
+    assert claimed is not None and node.scheduler.prepare(claimed) is None
+    failed = node.ledger.job(job.uid)
+    assert failed is not None and failed.state == "failed"
+    assert "deleted from the spool by retention" in failed.reason
