@@ -179,7 +179,7 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     argparse.ArgumentParser
         The node's own commands, then the installed ones.
     """
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dicom-node", description="An AI node for hospital imaging networks: receive DICOM studies, analyse them, file the results back to the PACS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
