@@ -207,11 +207,5 @@ def to_dicom(
     return paths
 
 
-def read_header_json(path: Path) -> dict[str, Any]:
-    """Read a JSON header written by :func:`to_hdf5`."""
-    header: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return header
-
-
 __all__ = ["ConversionError", "derived_from_volume", "header_fields", "read_hdf5", "to_dicom",
            "to_hdf5", "volume_to_bytes", "write_hdf5"]
