@@ -100,7 +100,7 @@ async function main() {
     await page.getByText('Hippocampus anterior').first().click();
     // OHIF computes the segment's statistics after the jump; wait for them (slow on a busy CPU).
     await page.waitForFunction(() => /Hippocampus anterior[\s\S]*?Volume\s*[\d,.]+\s*mm/.test(document.body.innerText),
-      null, { timeout: 30000 }).catch(() => {});
+      null, { timeout: 60000 }).catch(() => {});
     await page.waitForTimeout(1500);
     result.seg_anterior_viewport = text(await page.locator('[data-cy="viewport-pane"]').first().innerText());
     // The segment's statistics as OHIF computes them from the labelmap it decoded.
