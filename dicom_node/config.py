@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -190,6 +191,70 @@ class ApiSettings(_Frozen):
         return token
 
 
+#: The environment variable that carries the PostgreSQL password when no file does.
+PASSWORD_ENV = "DICOM_NODE_DB_PASSWORD"
+
+
+class StateSettings(_Frozen):
+    """Where the ledger lives: SQLite in ``node.data_dir`` (one box) or a PostgreSQL database.
+
+    With ``backend = "postgresql"``, ``dsn`` names the server and database
+    (``postgresql://USER@HOST:PORT/DB``); the password comes from ``password_file`` (one
+    line) or the environment variable ``DICOM_NODE_DB_PASSWORD``, never from this file.
+    """
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str | None = None
+    password_file: Path | None = None
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_without_password(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"postgres(?:ql)?://([^@/]*@)?[^/]*/[^/?#]+(\?.*)?", value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a PostgreSQL URL such as postgresql://USER@HOST:5432/DB"
+            )
+        user = match.group(1) or ""
+        if ":" in user or re.search(r"(^|[?&])password=", match.group(2) or ""):
+            raise ValueError(
+                "the dsn must not hold a password: use state.password_file or the "
+                f"environment variable {PASSWORD_ENV}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> StateSettings:
+        if self.backend == "postgresql" and self.dsn is None:
+            raise ValueError("backend 'postgresql' needs dsn = \"postgresql://USER@HOST:PORT/DB\"")
+        if self.backend == "sqlite" and (self.dsn is not None or self.password_file is not None):
+            raise ValueError("dsn and password_file apply only to backend = \"postgresql\"")
+        return self
+
+    def password(self, environ: Mapping[str, str]) -> str | None:
+        """Return the database password from ``password_file`` or ``environ``, or ``None``.
+
+        Raises
+        ------
+        ConfigError
+            If ``password_file`` cannot be read or is empty.
+        """
+        if self.password_file is not None:
+            try:
+                password = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"state.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from None
+            if not password:
+                raise ConfigError(f"state.password_file: {self.password_file} is empty")
+            return password
+        return environ.get(PASSWORD_ENV) or None
+
+
 class WatchSettings(_Frozen):
     """A folder whose files are ingested like C-STORE instances (off while ``dir`` is unset).
 
@@ -221,6 +286,7 @@ class NodeConfig(_Frozen):
     tasks: dict[str, AnalysisSettings] = Field(default_factory=_default_tasks)
     api: ApiSettings = ApiSettings()
     watch: WatchSettings = WatchSettings()
+    state: StateSettings = StateSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:

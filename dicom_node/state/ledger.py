@@ -1,15 +1,21 @@
 """The ledger interface: every durable state change the node makes, whatever database holds it.
 
 The node, the API and the commands talk to a :class:`Ledger`; SQL lives only in the
-backends beside this module (:mod:`dicom_node.state.sqlite` on one box). Every method is
+backends beside this module (:mod:`dicom_node.state.sqlite` on one box,
+:mod:`dicom_node.state.postgres` when scaled out). Every method is
 one transaction. Times are seconds since the epoch from the caller's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from dicom_node.config import StateSettings
+from dicom_node.errors import ConfigError
 
 from dicom_node.state.records import (
     DueDelivery,
@@ -22,6 +28,7 @@ from dicom_node.state.records import (
     SeriesInfo,
     StudyRecord,
 )
+from dicom_node.state.schema import SCHEMA_VERSION
 
 #: The ledger file in a node's data directory (single-box backend).
 LEDGER_FILE = "ledger.sqlite3"
@@ -130,8 +137,77 @@ class Ledger(Protocol):
         """Release this thread's connection."""
 
 
-def open_ledger(data_dir: Path) -> Ledger:
-    """Open (creating or migrating) the ledger of a node's data directory."""
-    from dicom_node.state.sqlite import SqliteLedger
+def open_ledger(
+    data_dir: Path, state: StateSettings | None = None, *, environ: Mapping[str, str] | None = None,
+) -> Ledger:
+    """Open the ledger the configuration names: SQLite in ``data_dir``, or PostgreSQL.
 
-    return SqliteLedger(data_dir / LEDGER_FILE)
+    The SQLite ledger is created or migrated on opening, as it always was on one box; a
+    PostgreSQL ledger must have been created with ``dicom-node db upgrade`` first.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data directory (``node.data_dir``): where the SQLite ledger lives.
+    state
+        The ``[state]`` settings; ``None`` means the single-box default (SQLite).
+    environ
+        Where the database password may come from (default: the process environment).
+
+    Raises
+    ------
+    ConfigError
+        If the database cannot be reached, its schema is missing, older or newer than this
+        node's (the message names the command to run), or the PostgreSQL client library
+        is not installed.
+    """
+    if state is None or state.backend == "sqlite":
+        from dicom_node.state.sqlite import SqliteLedger
+
+        return SqliteLedger(data_dir / LEDGER_FILE)
+    _require_psycopg()
+    from dicom_node.state.postgres import PostgresLedger
+
+    assert state.dsn is not None  # validated: the postgresql backend has a dsn
+    password = state.password(os.environ if environ is None else environ)
+    return PostgresLedger(state.dsn, password, connect_timeout_s=state.connect_timeout_s)
+
+
+def upgrade_ledger(
+    data_dir: Path, state: StateSettings | None = None, *, environ: Mapping[str, str] | None = None,
+) -> tuple[int | None, int]:
+    """Create the configured ledger's schema or migrate it to this version; return (before, after).
+
+    ``before`` is ``None`` when there was no ledger. Safe to run again, and on several
+    hosts at once.
+
+    Raises
+    ------
+    ConfigError
+        If the database cannot be reached or holds a newer schema than this node knows.
+    """
+    if state is None or state.backend == "sqlite":
+        from dicom_node.state.sqlite import SqliteLedger, stored_version
+
+        path = data_dir / LEDGER_FILE
+        before = stored_version(path)
+        SqliteLedger(path).close()
+        return before, SCHEMA_VERSION
+    _require_psycopg()
+    from dicom_node.state.postgres import connect, upgrade_schema
+
+    assert state.dsn is not None
+    password = state.password(os.environ if environ is None else environ)
+    db = connect(state.dsn, password, connect_timeout_s=state.connect_timeout_s)
+    try:
+        return upgrade_schema(db)
+    finally:
+        db.close()
+
+
+def _require_psycopg() -> None:
+    if importlib.util.find_spec("psycopg") is None:  # optional: only the scaled-out mode needs it
+        raise ConfigError(
+            "state.backend: 'postgresql' needs the PostgreSQL client library psycopg, which is"
+            " not installed: pip install 'dicom-node[postgresql]'"
+        )
