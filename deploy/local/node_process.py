@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import dump_toml, merge
+from dicom_node.config import build_config, dump_toml, merge
 from dicom_node.state.ledger import Ledger, open_ledger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,8 +138,11 @@ class NodeProcess:
         return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""
 
     def ledger(self) -> Ledger:
-        """Open the node's ledger (read it while the node runs: SQLite WAL allows that)."""
-        return open_ledger(self.data_dir)
+        """Open the node's ledger, whichever backend it is configured with (SQLite WAL and
+        PostgreSQL both allow reading while the node runs); the password comes from the
+        environment, as the node's does."""
+        config = build_config(self.config)
+        return open_ledger(config.node.data_dir, config.state)
 
     def __enter__(self) -> NodeProcess:
         self.start()

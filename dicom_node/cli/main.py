@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
-from dicom_node.cli.ledger_commands import cmd_retry, cmd_status
+from dicom_node.cli.ledger_commands import cmd_db_upgrade, cmd_retry, cmd_status
 from dicom_node.config import NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
@@ -213,6 +213,11 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     add_config_arguments(p)
     p.add_argument("job", nargs="?", help="job uid (default: all dead-lettered deliveries)")
     p.set_defaults(func=cmd_retry)
+
+    db = sub.add_parser("db", help="the ledger database").add_subparsers(dest="db_command", required=True)
+    p = db.add_parser("upgrade", help="create the ledger's schema or migrate it to this version")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_db_upgrade)
 
     for problem in mount_commands(CommandParsers(sub), installed_commands() if commands is None else commands):
         print(f"dicom-node: {problem}", file=sys.stderr)

@@ -49,7 +49,7 @@ class Node:
         self.clock = clock
         data_dir = config.node.data_dir
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
-        self.ledger = open_ledger(data_dir)
+        self.ledger = open_ledger(data_dir, config.state)
         analyses = create_analyses(config.analyses)
         # analyses run on every complete study; tasks only when a job names them
         tasks = {k: v for k, v in config.tasks.items() if k not in config.analyses}
@@ -155,6 +155,7 @@ class Node:
         self.delivery.stop(timeout_s=drain_s)
         if self.api is not None:
             self.api.stop()
+        self.ledger.close()
         logger.info("node stopped")
 
     # -- scheduling ------------------------------------------------------------------

@@ -134,7 +134,7 @@ class Ledger(Protocol):
         """Return counts of studies, jobs and deliveries by state, and of instances."""
 
     def close(self) -> None:
-        """Release this thread's connection."""
+        """Release this thread's connection (SQLite) or every pooled connection (PostgreSQL)."""
 
 
 def open_ledger(

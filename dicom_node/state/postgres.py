@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool
 
 from dicom_node.errors import ConfigError
 from dicom_node.state.records import (
@@ -126,9 +126,10 @@ def _safe(dsn: str) -> str:
 class PostgresLedger:
     """The node's durable state in a PostgreSQL database shared by receivers and workers.
 
-    Each thread gets its own connection, opened again after the server went away (a
-    restart, a failover): the call in progress fails with :class:`psycopg.OperationalError`
-    and the next one reconnects. Every method is one transaction.
+    Connections come from a pool shared by the node's threads and are checked as they are
+    taken, so after the server went away (a restart, a failover) a call gets a fresh one; a
+    call that was in progress when the server went fails with
+    :class:`psycopg.OperationalError`. Every method is one transaction.
 
     Parameters
     ----------
@@ -137,7 +138,9 @@ class PostgresLedger:
     password
         The password, from ``state.password_file`` or the environment, or ``None``.
     connect_timeout_s
-        How long to wait for the server when connecting.
+        How long to wait for the server when connecting, and for a free connection.
+    pool_size
+        The most connections this process opens.
 
     Raises
     ------
@@ -146,12 +149,16 @@ class PostgresLedger:
         this node's (the message names the command to run).
     """
 
-    def __init__(self, dsn: str, password: str | None = None, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, dsn: str, password: str | None = None, *, connect_timeout_s: float = 10.0,
+        pool_size: int = 10,
+    ) -> None:
         self.dsn = dsn
-        self._password = password
-        self._connect_timeout_s = connect_timeout_s
-        self._local = threading.local()
-        version = schema_version(self._connection())
+        db = connect(dsn, password, connect_timeout_s=connect_timeout_s)
+        try:
+            version = schema_version(db)
+        finally:
+            db.close()
         if version is None:
             raise ConfigError(
                 f"state.dsn: {_safe(dsn)} holds no dicom-node ledger yet: run `{UPGRADE_COMMAND}`"
@@ -163,29 +170,36 @@ class PostgresLedger:
                 f"state.dsn: {_safe(dsn)} has ledger schema version {version}, this node needs"
                 f" {SCHEMA_VERSION}: run `{UPGRADE_COMMAND}`"
             )
-
-    def _connection(self) -> Connection:
-        db: Connection | None = getattr(self._local, "db", None)
-        if db is None or db.closed or db.broken:
-            if db is not None:
-                logger.warning("ledger connection to %s lost; reconnecting", _safe(self.dsn))
-            db = connect(self.dsn, self._password, connect_timeout_s=self._connect_timeout_s)
-            self._local.db = db
-        return db
+        # A pool rather than a connection per thread: the SCP runs one thread per
+        # association. Each connection is checked as it is taken, so after a server restart
+        # the stale ones are replaced instead of failing the next call.
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            dsn, kwargs={"password": password, "autocommit": True, "row_factory": dict_row,
+                         "connect_timeout": max(1, round(connect_timeout_s)),
+                         "application_name": "dicom-node"},
+            connection_class=Connection, min_size=1, max_size=pool_size,
+            check=ConnectionPool.check_connection, timeout=connect_timeout_s,
+            reconnect_timeout=24 * 3600.0, name="dicom-node-ledger", open=True,
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """Run a block as one transaction (READ COMMITTED; rows locked where it matters)."""
-        db = self._connection()
-        with db.transaction():
-            yield db
+        with self._pool.connection() as db:
+            with db.transaction():
+                yield db
+
+    def _fetch(self, query: str, params: Any = None) -> list[DictRow]:
+        with self._pool.connection() as db:
+            return db.execute(query, params).fetchall()
+
+    def _fetch_one(self, query: str, params: Any = None) -> DictRow | None:
+        rows = self._fetch(query, params)
+        return rows[0] if rows else None
 
     def close(self) -> None:
-        """Close this thread's connection."""
-        db: Connection | None = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close every connection of this ledger's pool."""
+        self._pool.close()
 
     # -- instances -------------------------------------------------------------------
 
@@ -254,35 +268,35 @@ class PostgresLedger:
 
     def recorded_paths(self) -> set[str]:
         """Return the spool paths of every recorded instance."""
-        rows = self._connection().execute("SELECT path FROM instances").fetchall()
+        rows = self._fetch("SELECT path FROM instances")
         return {row["path"] for row in rows}
 
     def series_of_study(self, study_uid: str) -> list[SeriesInfo]:
         """Return the series of a study with their instance counts, in order of arrival."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             "SELECT s.*, (SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid)"
             " AS instance_count FROM series s WHERE s.study_uid = %s ORDER BY s.seq",
             (study_uid,),
-        ).fetchall()
+        )
         return [series_info(row) for row in rows]
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Return the spool paths of a series' instances."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             "SELECT path FROM instances WHERE series_uid = %s ORDER BY sop_instance_uid",
             (series_uid,),
-        ).fetchall()
+        )
         return [Path(row["path"]) for row in rows]
 
     # -- studies ---------------------------------------------------------------------
 
     def studies_due(self, now: float, quiet_period_s: float, max_wait_s: float) -> list[str]:
         """Return studies still receiving whose quiet period or maximum wait has passed."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             "SELECT study_uid FROM studies WHERE state = 'receiving'"
             " AND (last_received_at <= %s OR first_received_at <= %s) ORDER BY first_received_at",
             (now - quiet_period_s, now - max_wait_s),
-        ).fetchall()
+        )
         return [row["study_uid"] for row in rows]
 
     def complete_study(
@@ -380,21 +394,21 @@ class PostgresLedger:
 
     def study_rows(self, limit: int = 100) -> list[StudyRecord]:
         """Return the most recent studies with their instance counts, for status views."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             f"{STUDY_SELECT} ORDER BY last_received_at DESC LIMIT %s", (limit,)
-        ).fetchall()
+        )
         return [study_record(row) for row in rows]
 
     def study(self, study_uid: str) -> StudyRecord | None:
         """Return one study, or ``None``."""
-        row = self._connection().execute(
+        row = self._fetch_one(
             f"{STUDY_SELECT} WHERE study_uid = %s", (study_uid,)
-        ).fetchone()
+        )
         return study_record(row) if row is not None else None
 
     def studies_to_purge(self, before: float) -> list[str]:
         """Return studies whose instances may leave the spool: idle since ``before``."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             "SELECT study_uid FROM studies s WHERE state = 'complete'"
             " AND last_received_at <= %(before)s AND coalesce(completed_at, 0) <= %(before)s"
             " AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid)"
@@ -404,7 +418,7 @@ class PostgresLedger:
             "   WHERE j.study_uid = s.study_uid AND d.state = 'pending')"
             " ORDER BY last_received_at",
             {"before": before},
-        ).fetchall()
+        )
         return [row["study_uid"] for row in rows]
 
     def forget_instances(self, study_uid: str, now: float) -> int:
@@ -537,7 +551,10 @@ class PostgresLedger:
         return self._jobs_where(where, tuple(chosen.values()), limit=limit)
 
     def _jobs_where(self, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
-        db = self._connection()
+        with self._pool.connection() as db:
+            return self._jobs_in(db, where, params, limit=limit)
+
+    def _jobs_in(self, db: Connection, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
         rows = db.execute(
             f"SELECT * FROM jobs WHERE {where} ORDER BY id DESC LIMIT %s", (*params, limit)
         ).fetchall()
@@ -564,12 +581,12 @@ class PostgresLedger:
 
     def due_deliveries(self, now: float) -> list[DueDelivery]:
         """Return pending deliveries whose next attempt is due, oldest first."""
-        rows = self._connection().execute(
+        rows = self._fetch(
             "SELECT d.*, j.uid AS job_uid, j.study_uid FROM deliveries d"
             " JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending'"
             " AND d.next_attempt_at <= %s ORDER BY d.next_attempt_at",
             (now,),
-        ).fetchall()
+        )
         return [
             DueDelivery(row["id"], row["job_uid"], row["study_uid"], row["destination"],
                         tuple(json.loads(row["files"])), row["attempts"])
@@ -613,13 +630,11 @@ class PostgresLedger:
 
     def counts(self) -> LedgerCounts:
         """Return counts of jobs, deliveries and studies by state, and of instances."""
-        db = self._connection()
-
         def by_state(table: str) -> dict[str, int]:
-            rows = db.execute(f"SELECT state, count(*) AS n FROM {table} GROUP BY state").fetchall()
+            rows = self._fetch(f"SELECT state, count(*) AS n FROM {table} GROUP BY state")
             return {row["state"]: int(row["n"]) for row in rows}
 
-        row = db.execute("SELECT count(*) AS n FROM instances").fetchone()
+        row = self._fetch_one("SELECT count(*) AS n FROM instances")
         return LedgerCounts(studies=by_state("studies"), jobs=by_state("jobs"),
                             deliveries=by_state("deliveries"),
                             instances=int(row["n"]) if row is not None else 0)
