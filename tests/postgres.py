@@ -81,6 +81,13 @@ class Cluster:
         command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), *args]
         subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=timeout_s)
 
+    def start(self) -> None:
+        """Start the server (again) on its port and wait until it accepts connections."""
+        options = (f"-c port={self.port} -c listen_addresses=127.0.0.1"
+                   f" -c unix_socket_directories={self.folder} -c fsync=off -c max_connections=100")
+        self.pg_ctl("start", "-w", "-l", str(self.folder / "server.log"), "-o", options)
+        self.wait_ready()
+
     def wait_ready(self, timeout_s: float = 30) -> None:
         import psycopg
 
@@ -121,11 +128,8 @@ def running_cluster() -> Iterator[Cluster]:
                       "--encoding=UTF8", "--no-sync"]),
         check=True, capture_output=True, timeout=120,
     )
-    options = (f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={folder}"
-               " -c fsync=off -c max_connections=100")
-    cluster.pg_ctl("start", "-w", "-l", str(folder / "server.log"), "-o", options)
     try:
-        cluster.wait_ready()
+        cluster.start()
         yield cluster
     finally:
         try:
