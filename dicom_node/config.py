@@ -140,6 +140,15 @@ class AnalysisSettings(_Frozen):
     destinations: tuple[str, ...] | None = None
     series_numbers: SeriesNumbers = SeriesNumbers()
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Device classes whose workers may run it (scaled-out mode: one queue per class).
+    devices: tuple[Literal["cuda", "cpu"], ...] = ("cuda", "cpu")
+
+    @field_validator("devices")
+    @classmethod
+    def _some_device(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one device class: 'cuda', 'cpu' or both")
+        return tuple(dict.fromkeys(value))
 
 
 def _default_analyses() -> dict[str, AnalysisSettings]:
@@ -255,6 +264,30 @@ class StateSettings(_Frozen):
         return environ.get(PASSWORD_ENV) or None
 
 
+class QueueSettings(_Frozen):
+    """The job queue of the scaled-out mode (``state.backend = "postgresql"``).
+
+    Workers send a heartbeat every ``heartbeat_s``; the receiving node looks every
+    ``recover_interval_s`` for jobs whose worker sent none for ``stalled_after_s`` (killed,
+    host gone) and queues them again. On SIGTERM a worker lets its current job finish for up
+    to ``stop_grace_s``. ``serve_runs_analyses`` makes ``serve`` start a worker on its own
+    host (device ``workers.device``).
+    """
+
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    stalled_after_s: Annotated[float, Field(gt=0)] = 30.0
+    recover_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    stop_grace_s: Annotated[float, Field(ge=0)] = 600.0
+    serve_runs_analyses: bool = False
+
+    @model_validator(mode="after")
+    def _stalled_after_heartbeats(self) -> QueueSettings:
+        if self.stalled_after_s < 2 * self.heartbeat_s:
+            raise ValueError("stalled_after_s must be at least twice heartbeat_s, or live workers"
+                             " would look stalled")
+        return self
+
+
 class WatchSettings(_Frozen):
     """A folder whose files are ingested like C-STORE instances (off while ``dir`` is unset).
 
@@ -287,6 +320,7 @@ class NodeConfig(_Frozen):
     api: ApiSettings = ApiSettings()
     watch: WatchSettings = WatchSettings()
     state: StateSettings = StateSettings()
+    queue: QueueSettings = QueueSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:

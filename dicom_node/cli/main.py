@@ -98,6 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.service.worker import QueueWorker
+
+    config = config_from_args(args)
+    worker = QueueWorker(config, args.device, config.node.data_dir)
+    worker.serve()
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.run.plugins import create_analyses
 
@@ -186,6 +195,11 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     p = sub.add_parser("serve", help="run the node: receive, analyse, send")
     add_config_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="take jobs from the PostgreSQL queue and run them on one device")
+    add_config_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("check-config", help="validate a configuration and print the effective one")
     add_config_arguments(p)

@@ -139,6 +139,7 @@ class Ledger(Protocol):
 
 def open_ledger(
     data_dir: Path, state: StateSettings | None = None, *, environ: Mapping[str, str] | None = None,
+    queues: Mapping[str, str] | None = None,
 ) -> Ledger:
     """Open the ledger the configuration names: SQLite in ``data_dir``, or PostgreSQL.
 
@@ -153,6 +154,9 @@ def open_ledger(
         The ``[state]`` settings; ``None`` means the single-box default (SQLite).
     environ
         Where the database password may come from (default: the process environment).
+    queues
+        PostgreSQL only: the queue of each analysis, to defer every queued job to the job
+        queue in the same transaction (:mod:`dicom_node.state.queue`).
 
     Raises
     ------
@@ -170,7 +174,8 @@ def open_ledger(
 
     assert state.dsn is not None  # validated: the postgresql backend has a dsn
     password = state.password(os.environ if environ is None else environ)
-    return PostgresLedger(state.dsn, password, connect_timeout_s=state.connect_timeout_s)
+    return PostgresLedger(state.dsn, password, connect_timeout_s=state.connect_timeout_s,
+                          queues=queues)
 
 
 def upgrade_ledger(

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 from dicom_node.errors import ConfigError
+from dicom_node.state import queue
 from dicom_node.state.records import (
     DeliveryRecord,
     DeliveryState,
@@ -99,6 +100,11 @@ def upgrade_schema(db: Connection) -> tuple[int | None, int]:
         before = schema_version(db)
         if before is not None and before > SCHEMA_VERSION:
             raise ConfigError(_newer(before))
+        queue_table = db.execute("SELECT to_regclass('procrastinate_jobs') AS name").fetchone()
+        if queue_table is not None and queue_table["name"] is None:
+            from procrastinate.schema import SchemaManager
+
+            db.execute(SchemaManager.get_schema())  # the job queue, of the pinned procrastinate
         if before is None or before < SCHEMA_VERSION:
             # Version 4 is the first PostgreSQL schema: later versions add their steps here.
             assert before is None or before >= POSTGRES_FIRST_VERSION
@@ -141,6 +147,11 @@ class PostgresLedger:
         How long to wait for the server when connecting, and for a free connection.
     pool_size
         The most connections this process opens.
+    queues
+        The queue of each analysis (:func:`dicom_node.state.queue.job_queues`): every job
+        that becomes queued is then also deferred to procrastinate in the same transaction,
+        and workers take jobs from there (:meth:`start_job`) instead of
+        :meth:`claim_next_job`. ``None``: jobs are claimed from the ledger only.
 
     Raises
     ------
@@ -151,9 +162,10 @@ class PostgresLedger:
 
     def __init__(
         self, dsn: str, password: str | None = None, *, connect_timeout_s: float = 10.0,
-        pool_size: int = 10,
+        pool_size: int = 10, queues: Mapping[str, str] | None = None,
     ) -> None:
         self.dsn = dsn
+        self.queues = None if queues is None else dict(queues)
         db = connect(dsn, password, connect_timeout_s=connect_timeout_s)
         try:
             version = schema_version(db)
@@ -354,6 +366,8 @@ class PostgresLedger:
                 )
                 if inserted.rowcount:
                     created.append(uid)
+                    if job.state == JobState.QUEUED:
+                        self._defer(db, uid, job.analysis)
         return created
 
     def create_job(
@@ -390,6 +404,8 @@ class PostgresLedger:
                     json.dumps(options or {}, sort_keys=True),
                 ),
             )
+            if job.state == JobState.QUEUED:
+                self._defer(db, uid, job.analysis)
         return uid
 
     def study_rows(self, limit: int = 100) -> list[StudyRecord]:
@@ -432,7 +448,13 @@ class PostgresLedger:
     # -- jobs ------------------------------------------------------------------------
 
     def requeue_interrupted(self) -> int:
-        """Put jobs that were running when the node stopped back in the queue."""
+        """Put jobs that were running when the node stopped back in the queue.
+
+        With a job queue nothing is done here: other hosts' workers may be running those
+        jobs; the jobs of workers that stopped are found by :meth:`recover_stalled`.
+        """
+        if self.queues is not None:
+            return 0
         with self.transaction() as db:
             return int(db.execute(
                 "UPDATE jobs SET state = 'queued', started_at = NULL WHERE state = 'running'"
@@ -518,12 +540,15 @@ class PostgresLedger:
     def retry_job(self, job_uid: str) -> bool:
         """Queue a failed, cancelled or finished job again; return whether it was found."""
         with self.transaction() as db:
-            return db.execute(
+            row = db.execute(
                 "UPDATE jobs SET state = 'queued', reason = NULL, started_at = NULL,"
                 " finished_at = NULL, attempts = 0, cancel_requested = 0 WHERE uid = %s AND state IN"
-                " ('failed', 'cancelled', 'done', 'not_applicable')",
+                " ('failed', 'cancelled', 'done', 'not_applicable') RETURNING analysis",
                 (job_uid,),
-            ).rowcount > 0
+            ).fetchone()
+            if row is not None:
+                self._defer(db, job_uid, row["analysis"])
+            return row is not None
 
     def cancel_job(self, job_uid: str, now: float) -> JobState | None:
         """Cancel a job: a queued one at once, a running one when it ends (results discarded)."""
@@ -537,6 +562,12 @@ class PostgresLedger:
                 "UPDATE jobs SET cancel_requested = 1 WHERE uid = %s AND state = 'running'",
                 (job_uid,),
             )
+            if self.queues is not None:
+                db.execute(
+                    "UPDATE procrastinate_jobs SET status = 'cancelled' WHERE queueing_lock = %s"
+                    " AND status = 'todo' AND task_name = %s",
+                    (job_uid, queue.TASK_NAME),
+                )
             row = db.execute("SELECT state FROM jobs WHERE uid = %s", (job_uid,)).fetchone()
         return None if row is None else JobState(row["state"])
 
@@ -576,6 +607,55 @@ class PostgresLedger:
         """Return one job by uid, or ``None``."""
         jobs = self._jobs_where("uid = %s", (job_uid,), limit=1)
         return jobs[0] if jobs else None
+
+    # -- the job queue (scaled-out mode) ----------------------------------------------
+
+    def _defer(self, db: Connection, job_uid: str, analysis: str) -> None:
+        if self.queues is not None:
+            queue.defer(db, job_uid, queue.queue_of(self.queues, analysis))
+
+    def start_job(self, job_uid: str, now: float) -> JobRecord | None:
+        """Move a job a worker took from the queue to running; ``None`` when it must not run.
+
+        A job still queued, or running because its earlier worker stopped (the queue gave it
+        to this worker after :meth:`recover_stalled`), starts; a cancelled, superseded or
+        finished one does not.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE uid = %s AND state IN ('queued', 'running') FOR UPDATE",
+                (job_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', started_at = %s, attempts = attempts + 1"
+                " WHERE id = %s",
+                (now, row["id"]),
+            )
+            return job_record(row, attempts=row["attempts"] + 1, state=JobState.RUNNING,
+                              started_at=now)
+
+    def recover_stalled(self, stalled_after_s: float) -> list[str]:
+        """Queue again the jobs of workers silent for ``stalled_after_s``; return their uids.
+
+        The queue entries and the ledger rows change in one transaction; rows locked by
+        another process doing the same are skipped, so each job is recovered once.
+        """
+        with self.transaction() as db:
+            uids = queue.requeue_stalled(db, stalled_after_s)
+            if uids:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', started_at = NULL"
+                    " WHERE uid = ANY(%s) AND state = 'running'",
+                    (uids,),
+                )
+        return uids
+
+    def queue_depths(self) -> dict[str, dict[str, int]]:
+        """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
+        with self._pool.connection() as db:
+            return queue.queue_depths(db)
 
     # -- deliveries ------------------------------------------------------------------
 
