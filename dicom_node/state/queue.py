@@ -5,8 +5,8 @@ the job uid, queueing lock the job uid). Both are written by the same PostgreSQL
 transaction, through procrastinate's own SQL function (``procrastinate_defer_jobs_v1``, what
 ``App.defer`` runs), so a crash never leaves a job recorded but not queued, and the queueing
 lock refuses a second entry of the same job while one waits. Queues are per analysis and
-device class: ``hippocampus@cuda`` (only a CUDA worker may run it), ``hippocampus@cpu``, or
-``hippocampus@any``.
+device class: ``<analysis>@cuda`` (only a CUDA worker may run it), ``<analysis>@cpu``, or
+``<analysis>@any``.
 """
 
 from __future__ import annotations
