@@ -1,0 +1,131 @@
+"""Scaled out: one receiving node, two workers with their own data folders, PostgreSQL and the procrastinate queue."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from deploy.local.node_process import NodeProcess
+from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storescu, wait_until
+from deploy.local.worker_process import WorkerProcess
+from dicom_node.config import dump_toml
+from tests.conftest import HIPPO_CROP_STUDY1, REPO
+from tests.postgres import Cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def distinct_studies(folder: Path, count: int) -> list[Path]:
+    """Copies of the HippoCrop series, each a study of its own (new study, series and SOP UIDs)."""
+    sources = [pydicom.dcmread(p) for p in sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))]
+    studies = []
+    for n in range(count):
+        study_uid, series_uid = generate_uid(), generate_uid()
+        out = folder / f"study-{n}"
+        out.mkdir(parents=True)
+        for index, source in enumerate(sources):
+            ds = source.copy()
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(out / f"{index:03d}.dcm")
+        studies.append(out)
+    return studies
+
+
+@pytest.fixture
+def scaled_out(
+    tmp_path: Path, postgres_cluster: Cluster, storescp: StoreScpProcess, monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[..., tuple[NodeProcess, list[WorkerProcess]]]]:
+    """Start a receiving node and workers on one fresh database; stop them all afterwards."""
+    started: list[NodeProcess | WorkerProcess] = []
+    monkeypatch.setenv("DICOM_NODE_DB_PASSWORD", postgres_cluster.password)
+
+    def start(workers: int, analyses: dict[str, Any]) -> tuple[NodeProcess, list[WorkerProcess]]:
+        dsn = postgres_cluster.create_database(f"scale_{tmp_path.name.lower().replace('-', '_')}")
+        config = {
+            "state": {"backend": "postgresql", "dsn": dsn},
+            "queue": {"heartbeat_s": 1.0, "stalled_after_s": 3.0, "recover_interval_s": 1.0,
+                      "stop_grace_s": 60.0},
+            "analyses": analyses,
+        }
+        node = NodeProcess(tmp_path / "receiver", port=free_port(),
+                           destinations={"pacs": (storescp.aet, storescp.host, storescp.port)},
+                           config=config)
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "db", "upgrade", "--config", str(node.config_file)],
+            capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+        node.start()
+        started.append(node)
+        pool = [WorkerProcess(node.config_file, tmp_path / f"worker-{n}") for n in range(workers)]
+        for worker in pool:
+            worker.start()
+            started.append(worker)
+        return node, pool
+
+    yield start
+    for process in reversed(started):
+        process.stop(timeout_s=30)
+        if isinstance(process, WorkerProcess):
+            print(f"----- {process.log_file} -----\n{process.log_text()[-4000:]}")
+        else:
+            print(f"----- {process.log_file} -----\n{process.log_text()[-4000:]}")
+
+
+def sent_jobs(node: NodeProcess) -> int:
+    return sum(1 for j in node.ledger().job_rows() for d in j.deliveries if d.state == "sent")
+
+
+def test_a_killed_worker_s_job_runs_again_elsewhere_and_results_arrive_once(
+    tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    slow = {"hippocampus": {"plugin": "tests.integration.slow_plugin:SlowHippocampus",
+                            "options": {"delay_s": 3.0}}}
+    node, workers = scaled_out(2, slow)
+    studies = distinct_studies(tmp_path / "studies", 4)
+    run_storescu(studies, node.port, called_aet="DICOMNODE")
+    victim_job = wait_until(
+        lambda: next((m.group(1) for w in workers[:1]
+                      for m in [re.search(r"job (\S+) running on", w.log_text())] if m), None),
+        deadline_s=60, what="a job running on the first worker", poll_s=0.2,
+    )
+    workers[0].kill()  # kill -9 mid-job: its model process too, as a host that vanishes
+    killed_at = time.monotonic()
+    wait_until(lambda: sent_jobs(node) == 4, deadline_s=180, what="every study's results sent", poll_s=0.5)
+    jobs = {j.uid: j for j in node.ledger().job_rows()}
+    assert len(jobs) == 4 and all(j.state == "done" for j in jobs.values())
+    assert jobs[victim_job].attempts == 2
+    assert f"job {victim_job} running on" in workers[1].log_text()  # it ran again on the other
+    assert "queued again" in node.log_text() and victim_job in node.log_text()
+    time.sleep(1.0)
+    sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
+    assert len(sops) == 4 * 3 and set(sops.values()) == {1}  # SEG, SC and SR of every study, once
+    assert time.monotonic() - killed_at < 120
+    assert workers[1].stop(timeout_s=30) == 0  # SIGTERM: a clean exit
+
+
+def test_a_cuda_only_analysis_is_never_taken_by_a_cpu_worker(
+    tmp_path: Path, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    analyses = {"hippocampus": {"plugin": "hippocampus", "devices": ["cuda"]},
+                "gaussian-blur": {"plugin": "inference.blur.task:GaussianBlurTask", "enabled": False}}
+    node, workers = scaled_out(0, analyses)
+    with pytest.raises(RuntimeError, match="no enabled analysis may run on cpu"):
+        WorkerProcess(node.config_file, tmp_path / "cpu-worker").start()
+    run_storescu(distinct_studies(tmp_path / "studies", 1), node.port, called_aet="DICOMNODE")
+    wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["queued"], deadline_s=60,
+               what="the job queued")
+    depths = node.ledger().queue_depths()  # type: ignore[attr-defined]
+    assert depths == {"hippocampus@cuda": {"todo": 1, "doing": 0}}
