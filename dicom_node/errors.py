@@ -11,6 +11,10 @@ class ConfigError(DicomNodeError):
     """The configuration is invalid: refuse to start. The message names the key."""
 
 
+class LedgerUnavailable(DicomNodeError):
+    """The ledger's database cannot be reached just now (a PostgreSQL restart): try again shortly."""
+
+
 class RejectedInstance(DicomNodeError):
     """An instance cannot be stored: answer the C-STORE with ``status``.
 

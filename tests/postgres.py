@@ -81,11 +81,20 @@ class Cluster:
         command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), *args]
         subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=timeout_s)
 
-    def start(self) -> None:
-        """Start the server (again) on its port and wait until it accepts connections."""
+    def _server_arguments(self) -> list[str]:
+        # -l: the server's output goes to a file, never to pipes a caller waits on
         options = (f"-c port={self.port} -c listen_addresses=127.0.0.1"
                    f" -c unix_socket_directories={self.folder} -c fsync=off -c max_connections=100")
-        self.pg_ctl("start", "-w", "-l", str(self.folder / "server.log"), "-o", options)
+        return ["-w", "-l", str(self.folder / "server.log"), "-o", options]
+
+    def start(self) -> None:
+        """Start the server (again) on its port and wait until it accepts connections."""
+        self.pg_ctl("start", *self._server_arguments())
+        self.wait_ready()
+
+    def restart_immediately(self) -> None:
+        """``pg_ctl restart -m immediate``: as a crash of the database server, then back up."""
+        self.pg_ctl("restart", "-m", "immediate", *self._server_arguments())
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 30) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dicom_node.config import DeliverySettings, Destination
 from dicom_node.deliver.sender import send_files
-from dicom_node.errors import DeliveryFailed
+from dicom_node.errors import DeliveryFailed, LedgerUnavailable
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import DueDelivery
 
@@ -83,7 +83,11 @@ class DeliveryLoop:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self.deliver_due()
+            try:
+                self.deliver_due()
+            except LedgerUnavailable as exc:  # a database restart: results wait, nothing is lost
+                logger.warning("delivery paused: %s", exc)
+                self._stopping.wait(1.0)
             self._stopping.wait(0.1)
 
     def deliver_due(self) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import LedgerUnavailable
 from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
 from dicom_node.receive.recovery import recover_spool
@@ -132,7 +133,11 @@ class Node:
     def run(self, poll_s: float = 0.1) -> None:
         """Run the scheduling loop until :meth:`request_stop` is called."""
         while not self._stopping.is_set():
-            self.step()
+            try:
+                self.step()
+            except LedgerUnavailable as exc:  # a database restart: wait, then carry on
+                logger.warning("scheduling paused: %s", exc)
+                self._stopping.wait(1.0)
             self._wake.wait(poll_s)
             self._wake.clear()
 
@@ -191,11 +196,9 @@ class Node:
         recover = getattr(self.ledger, "recover_stalled", None)
         if recover is None:
             return []
-        import psycopg
-
         try:
             uids: list[str] = recover(self.config.queue.stalled_after_s)
-        except psycopg.Error as exc:  # database unreachable: the next round tries again
+        except LedgerUnavailable as exc:  # the next round tries again
             logger.warning("stalled-job recovery failed: %s", exc)
             return []
         for uid in uids:

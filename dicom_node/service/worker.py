@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node.config import NodeConfig, dump_toml
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, LedgerUnavailable
 from dicom_node.run.dispatcher import WorkerPool
 from dicom_node.schedule.grouper import StudyTracker
 from dicom_node.schedule.scheduler import MAX_JOB_ATTEMPTS, Scheduler
@@ -131,7 +131,11 @@ class QueueWorker:
             min_size=1, max_size=3,
         )
         app = procrastinate.App(connector=connector)
-        app.task(name=queue.TASK_NAME, pass_context=False)(self.run_job)
+        # A job that met a database restart goes back to the queue after a pause (the
+        # ledger accepts a running job again), rather than failing in procrastinate.
+        retry = procrastinate.RetryStrategy(max_attempts=100, wait=2,
+                                            retry_exceptions={LedgerUnavailable})
+        app.task(name=queue.TASK_NAME, pass_context=False, retry=retry)(self.run_job)
         settings = self.config.queue
         logger.info("worker %s ready; taking jobs from %s", self.name, ", ".join(self.queues))
         try:

@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, LedgerUnavailable
 from dicom_node.state import queue
 from dicom_node.state.records import (
     DeliveryRecord,
@@ -195,14 +195,23 @@ class PostgresLedger:
         )
 
     @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A pooled connection; losing the server turns into :class:`LedgerUnavailable`."""
+        try:
+            with self._pool.connection() as db:
+                yield db
+        except psycopg.OperationalError as exc:  # includes the pool's timeout
+            raise LedgerUnavailable(f"the ledger database cannot be reached: {exc}") from exc
+
+    @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """Run a block as one transaction (READ COMMITTED; rows locked where it matters)."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             with db.transaction():
                 yield db
 
     def _fetch(self, query: str, params: Any = None) -> list[DictRow]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return db.execute(query, params).fetchall()
 
     def _fetch_one(self, query: str, params: Any = None) -> DictRow | None:
@@ -582,7 +591,7 @@ class PostgresLedger:
         return self._jobs_where(where, tuple(chosen.values()), limit=limit)
 
     def _jobs_where(self, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return self._jobs_in(db, where, params, limit=limit)
 
     def _jobs_in(self, db: Connection, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
@@ -654,7 +663,7 @@ class PostgresLedger:
 
     def queue_depths(self) -> dict[str, dict[str, int]]:
         """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return queue.queue_depths(db)
 
     # -- deliveries ------------------------------------------------------------------

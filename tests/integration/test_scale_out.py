@@ -21,6 +21,7 @@ from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storesc
 from deploy.local.worker_process import WorkerProcess
 from dicom_node.config import dump_toml
 from tests.conftest import HIPPO_CROP_STUDY1, REPO
+from tests import postgres
 from tests.postgres import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,14 +47,19 @@ def distinct_studies(folder: Path, count: int) -> list[Path]:
 
 @pytest.fixture
 def scaled_out(
-    tmp_path: Path, postgres_cluster: Cluster, storescp: StoreScpProcess, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, request: pytest.FixtureRequest, storescp: StoreScpProcess,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[..., tuple[NodeProcess, list[WorkerProcess]]]]:
     """Start a receiving node and workers on one fresh database; stop them all afterwards."""
     started: list[NodeProcess | WorkerProcess] = []
-    monkeypatch.setenv("DICOM_NODE_DB_PASSWORD", postgres_cluster.password)
 
-    def start(workers: int, analyses: dict[str, Any]) -> tuple[NodeProcess, list[WorkerProcess]]:
-        dsn = postgres_cluster.create_database(f"scale_{tmp_path.name.lower().replace('-', '_')}")
+    def start(workers: int, analyses: dict[str, Any], cluster: Cluster | None = None,
+              ) -> tuple[NodeProcess, list[WorkerProcess]]:
+        if cluster is None:
+            cluster = request.getfixturevalue("postgres_cluster")
+        assert cluster is not None
+        monkeypatch.setenv("DICOM_NODE_DB_PASSWORD", cluster.password)
+        dsn = cluster.create_database(f"scale_{tmp_path.name.lower().replace('-', '_')}")
         config = {
             "state": {"backend": "postgresql", "dsn": dsn},
             "queue": {"heartbeat_s": 1.0, "stalled_after_s": 3.0, "recover_interval_s": 1.0,
@@ -78,10 +84,7 @@ def scaled_out(
     yield start
     for process in reversed(started):
         process.stop(timeout_s=30)
-        if isinstance(process, WorkerProcess):
-            print(f"----- {process.log_file} -----\n{process.log_text()[-4000:]}")
-        else:
-            print(f"----- {process.log_file} -----\n{process.log_text()[-4000:]}")
+        print(f"----- {process.log_file} -----\n{process.log_text()[-4000:]}")
 
 
 def sent_jobs(node: NodeProcess) -> int:
@@ -129,3 +132,36 @@ def test_a_cuda_only_analysis_is_never_taken_by_a_cpu_worker(
                what="the job queued")
     depths = node.ledger().queue_depths()  # type: ignore[attr-defined]
     assert depths == {"hippocampus@cuda": {"todo": 1, "doing": 0}}
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster of this test's own: the test restarts it."""
+    reason = postgres.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.running_cluster() as cluster:
+        yield cluster
+
+
+def test_postgresql_restarted_mid_run_loses_and_duplicates_nothing(
+    tmp_path: Path, storescp: StoreScpProcess, own_cluster: Cluster,
+    scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    slow = {"hippocampus": {"plugin": "tests.integration.slow_plugin:SlowHippocampus",
+                            "options": {"delay_s": 2.0}}}
+    node, workers = scaled_out(1, slow, own_cluster)
+    studies = distinct_studies(tmp_path / "studies", 4)
+    run_storescu(studies[:3], node.port, called_aet="DICOMNODE")
+    wait_until(lambda: "running on" in workers[0].log_text(), deadline_s=60, what="a job running")
+    own_cluster.restart_immediately()  # as a crash of the database server
+    run_storescu(studies[3:], node.port, called_aet="DICOMNODE")
+    wait_until(lambda: sent_jobs(node) == 4, deadline_s=180, what="every study's results sent", poll_s=0.5)
+    jobs = node.ledger().job_rows()
+    assert len(jobs) == 4 and all(j.state == "done" for j in jobs)  # none lost, none twice
+    assert node.ledger().counts().instances == 4 * 32
+    time.sleep(1.0)
+    sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
+    assert len(sops) == 4 * 3 and set(sops.values()) == {1}
+    assert node.process is not None and node.process.poll() is None  # the receiver carried on
+    assert workers[0].process is not None and workers[0].process.poll() is None  # so did the worker
