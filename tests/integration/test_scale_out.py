@@ -54,7 +54,7 @@ def scaled_out(
     started: list[NodeProcess | WorkerProcess] = []
 
     def start(workers: int, analyses: dict[str, Any], cluster: Cluster | None = None,
-              ) -> tuple[NodeProcess, list[WorkerProcess]]:
+              queue: dict[str, Any] | None = None) -> tuple[NodeProcess, list[WorkerProcess]]:
         if cluster is None:
             cluster = request.getfixturevalue("postgres_cluster")
         assert cluster is not None
@@ -63,7 +63,7 @@ def scaled_out(
         config = {
             "state": {"backend": "postgresql", "dsn": dsn},
             "queue": {"heartbeat_s": 1.0, "stalled_after_s": 3.0, "recover_interval_s": 1.0,
-                      "stop_grace_s": 60.0},
+                      "stop_grace_s": 60.0, **(queue or {})},
             "analyses": analyses,
         }
         node = NodeProcess(tmp_path / "receiver", port=free_port(),
@@ -165,3 +165,16 @@ def test_postgresql_restarted_mid_run_loses_and_duplicates_nothing(
     assert len(sops) == 4 * 3 and set(sops.values()) == {1}
     assert node.process is not None and node.process.poll() is None  # the receiver carried on
     assert workers[0].process is not None and workers[0].process.poll() is None  # so did the worker
+
+
+def test_serve_runs_analyses_on_its_own_host_when_asked(
+    tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    node, _ = scaled_out(0, {"hippocampus": {"plugin": "hippocampus"}},
+                         queue={"serve_runs_analyses": True})
+    found = wait_until(lambda: re.search(r"started a local worker on cpu \(pid (\d+)\)", node.log_text()),
+                       deadline_s=30, what="the local worker started")
+    run_storescu(distinct_studies(tmp_path / "studies", 1), node.port, called_aet="DICOMNODE")
+    wait_until(lambda: sent_jobs(node) == 1, deadline_s=120, what="results sent")
+    assert node.stop(timeout_s=60) == 0
+    assert not Path(f"/proc/{found.group(1)}").exists()  # the local worker stopped with the node
