@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from dicom_node.cli.arguments import config_from_args
 from dicom_node.errors import ConfigError
 from dicom_node.service.jobs import retry_job
 from dicom_node.state.ledger import LEDGER_FILE, Ledger, open_ledger, upgrade_ledger
+from dicom_node.state.queue import job_queues
 
 
 def _ledger(args: argparse.Namespace) -> Ledger:
@@ -17,7 +19,9 @@ def _ledger(args: argparse.Namespace) -> Ledger:
     path = config.node.data_dir / LEDGER_FILE
     if config.state.backend == "sqlite" and not path.exists():
         raise ConfigError(f"no ledger at {path}: has the node run with this data directory?")
-    return open_ledger(config.node.data_dir, config.state)
+    # with the queues, so that a job queued again here also enters the job queue
+    queues = job_queues(config) if config.state.backend == "postgresql" else None
+    return open_ledger(config.node.data_dir, config.state, queues=queues)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -45,13 +49,36 @@ def cmd_status(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def _fleet(ledger: Ledger) -> dict[str, Any] | None:
+    """The job queue's view (scaled-out mode): depth per queue and the workers; ``None`` on one box."""
+    depths = getattr(ledger, "queue_depths", None)
+    workers = getattr(ledger, "workers", None)
+    if depths is None or workers is None:
+        return None
+    return {"queues": depths(), "workers": workers()}
+
+
 def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
     studies = ledger.study_rows(limit=args.limit)
     jobs = ledger.job_rows(limit=args.limit)
+    fleet = _fleet(ledger)
     if args.json:
-        print(json.dumps({"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
-                          "jobs": [j.to_json() for j in jobs]}, indent=2))
+        shown = {"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
+                 "jobs": [j.to_json() for j in jobs]}
+        if fleet is not None:
+            shown["fleet"] = fleet
+        print(json.dumps(shown, indent=2))
         return 0
+    if fleet is not None:
+        print("Queues (waiting / running)")
+        for name, depth in sorted(fleet["queues"].items()):
+            print(f"  {name:<32} {depth['todo']:>4} / {depth['doing']}")
+        if not fleet["queues"]:
+            print("  (empty)")
+        print(f"Workers ({len(fleet['workers'])})")
+        for worker in fleet["workers"]:
+            doing = f"job {worker['job_uid']} ({worker['queue']})" if worker["job_uid"] else "idle"
+            print(f"  worker {worker['id']}  heartbeat {worker['heartbeat_age_s']:.0f} s ago  {doing}")
     print(f"Studies ({len(studies)} shown)")
     for st in studies:
         purged = ""

@@ -666,6 +666,11 @@ class PostgresLedger:
         with self._connection() as db:
             return queue.queue_depths(db)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Return the registered queue workers: id, seconds since heartbeat, current job and queue."""
+        with self._connection() as db:
+            return queue.workers(db)
+
     # -- deliveries ------------------------------------------------------------------
 
     def due_deliveries(self, now: float) -> list[DueDelivery]:

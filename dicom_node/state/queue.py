@@ -137,3 +137,19 @@ def queue_depths(db: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
         name, status, count = (row["queue_name"], row["status"], row["n"]) if isinstance(row, dict) else row
         depths.setdefault(name, {"todo": 0, "doing": 0})[status] = int(count)
     return depths
+
+
+def workers(db: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Return every registered worker: its id, seconds since its heartbeat, its current job."""
+    rows = db.execute(
+        "SELECT w.id, extract(epoch FROM now() - w.last_heartbeat) AS heartbeat_age_s,"
+        " j.queueing_lock AS job_uid, j.queue_name FROM procrastinate_workers w"
+        " LEFT JOIN procrastinate_jobs j ON j.worker_id = w.id AND j.status = 'doing'"
+        "  AND j.task_name = %s ORDER BY w.id",
+        (TASK_NAME,),
+    ).fetchall()
+    return [
+        {"id": int(row["id"]), "heartbeat_age_s": round(float(row["heartbeat_age_s"]), 1),
+         "job_uid": row["job_uid"], "queue": row["queue_name"]}
+        for row in rows
+    ]

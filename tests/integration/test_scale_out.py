@@ -132,6 +132,14 @@ def test_a_cuda_only_analysis_is_never_taken_by_a_cpu_worker(
                what="the job queued")
     depths = node.ledger().queue_depths()  # type: ignore[attr-defined]
     assert depths == {"hippocampus@cuda": {"todo": 1, "doing": 0}}
+    time.sleep(3.0)
+    assert [j.state for j in node.ledger().job_rows()] == ["queued"]  # still waiting
+    shown = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(node.config_file)],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"hippocampus@cuda\s+1 / 0", shown.stdout), shown.stdout
+    assert "Workers (0)" in shown.stdout
 
 
 @pytest.fixture
