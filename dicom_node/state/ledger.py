@@ -23,6 +23,7 @@ from dicom_node.state.records import (
     JobRecord,
     JobState,
     LedgerCounts,
+    ManifestEntry,
     Origin,
     PlannedJob,
     SeriesInfo,
@@ -53,6 +54,9 @@ class Ledger(Protocol):
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Return the spool paths of a series' instances."""
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
 
     # -- studies ---------------------------------------------------------------------
 

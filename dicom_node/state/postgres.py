@@ -33,6 +33,7 @@ from dicom_node.state.records import (
     JobRecord,
     JobState,
     LedgerCounts,
+    ManifestEntry,
     Origin,
     PlannedJob,
     SeriesInfo,
@@ -42,6 +43,7 @@ from dicom_node.state.records import (
 from dicom_node.state.rows import STUDY_SELECT, job_record, series_info, study_record
 from dicom_node.state.schema import (
     POSTGRES_FIRST_VERSION,
+    POSTGRES_MIGRATIONS,
     POSTGRES_SCHEMA,
     SCHEMA_VERSION,
     UPGRADE_COMMAND,
@@ -106,8 +108,10 @@ def upgrade_schema(db: Connection) -> tuple[int | None, int]:
 
             db.execute(SchemaManager.get_schema())  # the job queue, of the pinned procrastinate
         if before is None or before < SCHEMA_VERSION:
-            # Version 4 is the first PostgreSQL schema: later versions add their steps here.
             assert before is None or before >= POSTGRES_FIRST_VERSION
+            for version, step in sorted(POSTGRES_MIGRATIONS.items()):
+                if before is not None and before < version:
+                    db.execute(step)
             db.execute(POSTGRES_SCHEMA)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
@@ -233,18 +237,18 @@ class PostgresLedger:
         with self.transaction() as db:
             row = db.execute(
                 "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
-                " transfer_syntax_uid, path, size_bytes, calling_ae_title, received_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop_instance_uid)"
+                " transfer_syntax_uid, path, size_bytes, calling_ae_title, received_at, sha256)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop_instance_uid)"
                 " DO UPDATE SET series_uid = EXCLUDED.series_uid, study_uid = EXCLUDED.study_uid,"
                 " sop_class_uid = EXCLUDED.sop_class_uid,"
                 " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid, path = EXCLUDED.path,"
                 " size_bytes = EXCLUDED.size_bytes, calling_ae_title = EXCLUDED.calling_ae_title,"
-                " received_at = EXCLUDED.received_at"
+                " received_at = EXCLUDED.received_at, sha256 = EXCLUDED.sha256"
                 " RETURNING (xmax = 0) AS inserted",  # xmax is 0 only for a fresh insert
                 (
                     record.sop_instance_uid, record.series_uid, record.study_uid,
                     record.sop_class_uid, record.transfer_syntax_uid, record.path,
-                    record.size_bytes, record.calling_ae_title, record.received_at,
+                    record.size_bytes, record.calling_ae_title, record.received_at, record.sha256,
                 ),
             ).fetchone()
             db.execute(
@@ -308,6 +312,15 @@ class PostgresLedger:
             (series_uid,),
         )
         return [Path(row["path"]) for row in rows]
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
+        rows = self._fetch(
+            "SELECT sop_instance_uid, path, size_bytes, sha256 FROM instances WHERE series_uid = %s"
+            " ORDER BY sop_instance_uid",
+            (series_uid,),
+        )
+        return [ManifestEntry(r["sop_instance_uid"], r["path"], r["size_bytes"], r["sha256"]) for r in rows]
 
     # -- studies ---------------------------------------------------------------------
 

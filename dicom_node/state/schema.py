@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     calling_ae_title TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
@@ -127,7 +128,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size_bytes BIGINT NOT NULL,
     calling_ae_title TEXT NOT NULL,
-    received_at DOUBLE PRECISION NOT NULL
+    received_at DOUBLE PRECISION NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
@@ -174,6 +176,11 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_a
 #: The oldest schema version a PostgreSQL ledger can have.
 POSTGRES_FIRST_VERSION = 4
 
+#: What brings a PostgreSQL ledger from the version before each key to that version.
+POSTGRES_MIGRATIONS = {
+    5: "ALTER TABLE instances ADD COLUMN IF NOT EXISTS sha256 TEXT NOT NULL DEFAULT ''",
+}
+
 #: What an admin runs when the ledger's schema is missing or older than this node's.
 UPGRADE_COMMAND = "dicom-node db upgrade --config node.toml"
 
@@ -181,13 +188,16 @@ UPGRADE_COMMAND = "dicom-node db upgrade --config node.toml"
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
-    Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    Version 5 adds instances.sha256. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
     constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
     """
     series = {row[1] for row in db.execute("PRAGMA table_info(series)")}
     if series and "convolution_kernel" not in series:  # version 3
         db.execute("ALTER TABLE series ADD COLUMN convolution_kernel TEXT NOT NULL DEFAULT ''")
+    instances = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+    if instances and "sha256" not in instances:  # version 5
+        db.execute("ALTER TABLE instances ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
     studies = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
     if studies and "origin" not in studies:
         db.execute("ALTER TABLE studies ADD COLUMN origin TEXT NOT NULL DEFAULT 'dicom'")

@@ -20,6 +20,7 @@ from dicom_node.state.records import (
     JobRecord,
     JobState,
     LedgerCounts,
+    ManifestEntry,
     Origin,
     PlannedJob,
     SeriesInfo,
@@ -123,11 +124,13 @@ class SqliteLedger:
                 "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
             ).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
+                " sop_class_uid, transfer_syntax_uid, path, size_bytes, calling_ae_title,"
+                " received_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.sop_instance_uid, record.series_uid, record.study_uid,
                     record.sop_class_uid, record.transfer_syntax_uid, record.path,
-                    record.size_bytes, record.calling_ae_title, record.received_at,
+                    record.size_bytes, record.calling_ae_title, record.received_at, record.sha256,
                 ),
             )
             db.execute(
@@ -187,6 +190,15 @@ class SqliteLedger:
             (series_uid,),
         ).fetchall()
         return [Path(row["path"]) for row in rows]
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
+        rows = self._connection().execute(
+            "SELECT sop_instance_uid, path, size_bytes, sha256 FROM instances WHERE series_uid = ?"
+            " ORDER BY sop_instance_uid",
+            (series_uid,),
+        ).fetchall()
+        return [ManifestEntry(r["sop_instance_uid"], r["path"], r["size_bytes"], r["sha256"]) for r in rows]
 
     # -- studies ---------------------------------------------------------------------
 

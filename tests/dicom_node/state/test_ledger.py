@@ -187,3 +187,14 @@ def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
     db.close()
     study = SqliteLedger(path).study("1.2")
     assert study is not None and study.purged_at is None and study.completed_at == 3.0
+
+
+def test_manifest_lists_sizes_and_digests(ledger: Ledger) -> None:
+    from dataclasses import replace
+
+    ledger.record_instance(replace(record("1.2.3.2", 10.0), sha256="b" * 64), SERIES)
+    ledger.record_instance(replace(record("1.2.3.1", 11.0), sha256="a" * 64), SERIES)
+    manifest = ledger.manifest("1.2.3")
+    assert [m.sop_instance_uid for m in manifest] == ["1.2.3.1", "1.2.3.2"]
+    assert manifest[0].to_json() == {"sop_instance_uid": "1.2.3.1", "size_bytes": 1000, "sha256": "a" * 64}
+    assert manifest[0].path == "/spool/1.2.3.1.dcm"

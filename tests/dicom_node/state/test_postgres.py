@@ -163,3 +163,24 @@ def test_a_lost_connection_is_replaced(ledgers: list[Ledger], postgres_cluster: 
     assert ended is not None and ended[0] >= 1
     study = ledger.study("1.2")
     assert study is not None and study.instance_count == 1
+
+
+def test_a_version_4_database_is_migrated_keeping_its_rows(
+    tmp_path: Path, database: tuple[StateSettings, dict[str, str]]
+) -> None:
+    import psycopg
+
+    state, environ = database
+    upgrade_ledger(tmp_path, state, environ=environ)
+    ledger = open_ledger(tmp_path, state, environ=environ)
+    ledger.record_instance(record("1.2.3.1", 1.0), SERIES)
+    ledger.close()
+    assert state.dsn is not None
+    with psycopg.connect(state.dsn, password=environ["DICOM_NODE_DB_PASSWORD"], autocommit=True) as db:
+        db.execute("ALTER TABLE instances DROP COLUMN sha256")
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    assert upgrade_ledger(tmp_path, state, environ=environ) == (4, SCHEMA_VERSION)
+    ledger = open_ledger(tmp_path, state, environ=environ)
+    (entry,) = ledger.manifest("1.2.3")
+    assert entry.sop_instance_uid == "1.2.3.1" and entry.sha256 == ""
+    ledger.close()
