@@ -279,6 +279,24 @@ class QueueSettings(_Frozen):
     recover_interval_s: Annotated[float, Field(gt=0)] = 10.0
     stop_grace_s: Annotated[float, Field(ge=0)] = 600.0
     serve_runs_analyses: bool = False
+    #: How workers get a job's instances: "http" from the receiving node's API (``receiver_url``,
+    #: the bearer token of ``[api]``), or "shared" from the spool paths (a shared mount).
+    instances: Literal["shared", "http"] = "shared"
+    receiver_url: str | None = None
+    transfer_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("receiver_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// address such as http://node:8080")
+        return None if value is None else value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _receiver_for_http(self) -> QueueSettings:
+        if self.instances == "http" and self.receiver_url is None:
+            raise ValueError('instances = "http" needs receiver_url, the receiving node\'s API address')
+        return self
 
     @model_validator(mode="after")
     def _stalled_after_heartbeats(self) -> QueueSettings:

@@ -115,7 +115,8 @@ class Node:
         self.delivery.start()
         if self.config.api.enabled:
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
-                             live_figures=self._live_figures, render_metrics=self.metrics.render)
+                             live_figures=self._live_figures, render_metrics=self.metrics.render,
+                             results_dir=self.config.node.data_dir / "results" if self.queued else None)
             self.api = ApiServer(app, self.config.api)
             host, port = self.api.start()
             logger.info("HTTP API and status page on http://%s:%d/", host, port)

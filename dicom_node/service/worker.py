@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node.config import NodeConfig, dump_toml
-from dicom_node.errors import ConfigError, LedgerUnavailable
-from dicom_node.run.dispatcher import WorkerPool
+from dicom_node.errors import ConfigError, LedgerUnavailable, ReceiverUnavailable, StudyNotProcessable
+from dicom_node.run.dispatcher import Completion, WorkerPool
+from dicom_node.run.fetch import ReceiverClient, drop_cache
 from dicom_node.schedule.grouper import StudyTracker
 from dicom_node.schedule.scheduler import MAX_JOB_ATTEMPTS, Scheduler
 from dicom_node.state import queue
@@ -83,6 +85,16 @@ class QueueWorker:
             config.node.ae_title, clock=clock, on_finished=self._finished,
         )
         self.pool = WorkerPool(config.workers, served, [device])
+        self.data_dir = data_dir
+        self.receiver: ReceiverClient | None = None
+        if config.queue.instances == "http":
+            token = config.api.bearer_token()
+            if token is None:
+                raise ConfigError('api.token: workers with queue.instances = "http" need the'
+                                  " receiving node's bearer token (api.token or api.token_file)")
+            assert config.queue.receiver_url is not None  # validated
+            self.receiver = ReceiverClient(config.queue.receiver_url, token,
+                                           timeout_s=config.queue.transfer_timeout_s)
 
     def _finished(self, job: JobRecord, study: StudyRecord | None, state: JobState) -> None:
         logger.debug("job %s finished on %s: %s", job.uid, self.name, state)
@@ -101,15 +113,36 @@ class QueueWorker:
             self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED,
                                    reason="the job stopped its worker too many times")
             return
-        spec = self.scheduler.prepare(job)
-        if spec is None:
-            return
-        logger.info("job %s running on %s (attempt %d)", job_uid, self.name, job.attempts)
-        while not self.pool.submit(spec):  # the worker process is (re)loading its models
-            time.sleep(0.05)
-        while not (done := self.pool.collect()):
-            time.sleep(0.05)
-        self.scheduler.finish(done)
+        cache = self.data_dir / "cache" / job_uid
+        try:
+            paths = None
+            if self.receiver is not None:
+                try:
+                    paths = self.receiver.fetch_instances(job_uid, cache)
+                except StudyNotProcessable as exc:
+                    self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED, reason=str(exc))
+                    logger.warning("job %s failed on %s: %s", job_uid, self.name, exc)
+                    return
+            spec = self.scheduler.prepare(job, paths)
+            if spec is None:
+                return
+            logger.info("job %s running on %s (attempt %d)", job_uid, self.name, job.attempts)
+            while not self.pool.submit(spec):  # the worker process is (re)loading its models
+                time.sleep(0.05)
+            while not (done := self.pool.collect()):
+                time.sleep(0.05)
+            if self.receiver is not None:
+                done = [self._returned(completion) for completion in done]
+            self.scheduler.finish(done)
+        finally:
+            drop_cache(cache)
+
+    def _returned(self, completion: Completion) -> Completion:
+        """The completion with its result files uploaded to the receiving node, named as there."""
+        if completion.outcome is None or self.receiver is None:
+            return completion
+        files = self.receiver.upload_results(completion.spec.job_uid, completion.outcome.files)
+        return replace(completion, outcome=replace(completion.outcome, files=files))
 
     def serve(self) -> None:
         """Load the models, then take jobs until SIGTERM or SIGINT; finish the current job first.
@@ -131,10 +164,11 @@ class QueueWorker:
             min_size=1, max_size=3,
         )
         app = procrastinate.App(connector=connector)
-        # A job that met a database restart goes back to the queue after a pause (the
-        # ledger accepts a running job again), rather than failing in procrastinate.
+        # A job that met a database restart, or a receiving node it could not reach, goes
+        # back to the queue after a pause (the ledger accepts a running job again), rather
+        # than failing in procrastinate.
         retry = procrastinate.RetryStrategy(max_attempts=100, wait=2,
-                                            retry_exceptions={LedgerUnavailable})
+                                            retry_exceptions={LedgerUnavailable, ReceiverUnavailable})
         app.task(name=queue.TASK_NAME, pass_context=False, retry=retry)(self.run_job)
         settings = self.config.queue
         logger.info("worker %s ready; taking jobs from %s", self.name, ", ".join(self.queues))

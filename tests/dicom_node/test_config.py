@@ -141,3 +141,16 @@ def test_password_from_file_or_environment(tmp_path: Path) -> None:
 def test_sqlite_takes_no_dsn() -> None:
     with pytest.raises(ConfigError, match=r"state: dsn and password_file apply only to backend"):
         build_config({"state": {"dsn": "postgresql://node@db/dicomnode"}})
+
+
+def test_http_instances_need_a_receiver_url() -> None:
+    with pytest.raises(ConfigError, match=r'node.toml: queue: instances = "http" needs receiver_url'):
+        build_config({"queue": {"instances": "http"}}, source="node.toml")
+    with pytest.raises(ConfigError, match=r"node.toml: queue.receiver_url: 'node:8080' is not an http"):
+        build_config({"queue": {"instances": "http", "receiver_url": "node:8080"}}, source="node.toml")
+    queue = build_config({"queue": {"instances": "http", "receiver_url": "https://node:8080/"}}).queue
+    assert queue.receiver_url == "https://node:8080"
+    with pytest.raises(ConfigError, match=r"queue: stalled_after_s must be at least twice heartbeat_s"):
+        build_config({"queue": {"heartbeat_s": 20, "stalled_after_s": 30}})
+    with pytest.raises(ConfigError, match=r"analyses.hippocampus.devices: name at least one device class: 'cuda', 'cpu' or both"):
+        build_config({"analyses": {"hippocampus": {"plugin": "hippocampus", "devices": []}}})

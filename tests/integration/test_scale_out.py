@@ -54,7 +54,8 @@ def scaled_out(
     started: list[NodeProcess | WorkerProcess] = []
 
     def start(workers: int, analyses: dict[str, Any], cluster: Cluster | None = None,
-              queue: dict[str, Any] | None = None) -> tuple[NodeProcess, list[WorkerProcess]]:
+              queue: dict[str, Any] | None = None, api: dict[str, Any] | None = None,
+              ) -> tuple[NodeProcess, list[WorkerProcess]]:
         if cluster is None:
             cluster = request.getfixturevalue("postgres_cluster")
         assert cluster is not None
@@ -65,6 +66,7 @@ def scaled_out(
             "queue": {"heartbeat_s": 1.0, "stalled_after_s": 3.0, "recover_interval_s": 1.0,
                       "stop_grace_s": 60.0, **(queue or {})},
             "analyses": analyses,
+            **({"api": api} if api else {}),
         }
         node = NodeProcess(tmp_path / "receiver", port=free_port(),
                            destinations={"pacs": (storescp.aet, storescp.host, storescp.port)},
@@ -186,3 +188,53 @@ def test_serve_runs_analyses_on_its_own_host_when_asked(
     wait_until(lambda: sent_jobs(node) == 1, deadline_s=120, what="results sent")
     assert node.stop(timeout_s=60) == 0
     assert not Path(f"/proc/{found.group(1)}").exists()  # the local worker stopped with the node
+
+
+def http_queue(api_port: int) -> dict[str, Any]:
+    return {"instances": "http", "receiver_url": f"http://127.0.0.1:{api_port}"}
+
+
+def test_workers_fetch_instances_over_http_and_return_results(
+    tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    api_port = free_port()
+    node, workers = scaled_out(2, {"hippocampus": {"plugin": "hippocampus"}}, queue=http_queue(api_port),
+                               api={"enabled": True, "host": "127.0.0.1", "port": api_port,
+                                    "token": "s3cret-token"})
+    run_storescu(distinct_studies(tmp_path / "studies", 3), node.port, called_aet="DICOMNODE")
+    wait_until(lambda: sent_jobs(node) == 3, deadline_s=180, what="every study's results sent", poll_s=0.5)
+    fetched = sum(w.log_text().count("instance(s) fetched from http://127.0.0.1") for w in workers)
+    assert fetched == 3
+    assert all(job.state == "done" for job in node.ledger().job_rows())
+    assert node.ledger().due_deliveries(time.time() + 1e6) == []  # nothing left to send
+    receiver_results = node.data_dir / "results"
+    assert len(list(receiver_results.glob("*/*.dcm"))) == 3 * 3  # uploaded to the receiving node
+    for worker in workers:
+        assert not any((worker.data_dir / "cache").glob("*/*"))  # each job's cache was dropped
+    time.sleep(1.0)
+    sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
+    assert len(sops) == 3 * 3 and set(sops.values()) == {1}
+
+
+def test_an_instance_that_changed_after_receipt_fails_its_job(
+    tmp_path: Path, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    api_port = free_port()
+    node, _ = scaled_out(0, {"hippocampus": {"plugin": "hippocampus"}}, queue=http_queue(api_port),
+                         api={"enabled": True, "host": "127.0.0.1", "port": api_port, "token": "s3cret-token"})
+    run_storescu(distinct_studies(tmp_path / "studies", 1), node.port, called_aet="DICOMNODE")
+    wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["queued"], deadline_s=60,
+               what="the job queued")
+    victim = sorted((node.data_dir / "spool").glob("*/*/*.dcm"))[5]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    victim.write_bytes(bytes(data))
+    worker = WorkerProcess(node.config_file, tmp_path / "worker")
+    worker.start()
+    try:
+        wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["failed"], deadline_s=60,
+                   what="the job failed")
+    finally:
+        worker.stop(timeout_s=30)
+    (job,) = node.ledger().job_rows()
+    assert f"instance {victim.stem} from http://127.0.0.1:{api_port} does not match the manifest" in (job.reason or "")
