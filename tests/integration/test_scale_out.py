@@ -55,6 +55,7 @@ def scaled_out(
 
     def start(workers: int, analyses: dict[str, Any], cluster: Cluster | None = None,
               queue: dict[str, Any] | None = None, api: dict[str, Any] | None = None,
+              destination: tuple[str, str, int] | None = None, port: int | None = None,
               ) -> tuple[NodeProcess, list[WorkerProcess]]:
         if cluster is None:
             cluster = request.getfixturevalue("postgres_cluster")
@@ -68,8 +69,8 @@ def scaled_out(
             "analyses": analyses,
             **({"api": api} if api else {}),
         }
-        node = NodeProcess(tmp_path / "receiver", port=free_port(),
-                           destinations={"pacs": (storescp.aet, storescp.host, storescp.port)},
+        node = NodeProcess(tmp_path / "receiver", port=port or free_port(),
+                           destinations={"pacs": destination or (storescp.aet, storescp.host, storescp.port)},
                            config=config)
         done = subprocess.run(
             [sys.executable, "-m", "dicom_node.cli", "db", "upgrade", "--config", str(node.config_file)],
@@ -238,3 +239,37 @@ def test_an_instance_that_changed_after_receipt_fails_its_job(
         worker.stop(timeout_s=30)
     (job,) = node.ledger().job_rows()
     assert f"instance {victim.stem} from http://127.0.0.1:{api_port} does not match the manifest" in (job.reason or "")
+
+
+def test_orthanc_routes_ten_studies_to_a_receiver_and_two_workers_with_a_worker_killed(
+    tmp_path: Path, make_orthanc: Callable[..., Any],
+    scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    """The issue's scenario: real Orthanc and its routing script, no shared spool path, results once."""
+    from tests.integration.test_end_to_end import study_results
+
+    node_port, api_port = free_port(), free_port()
+    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=node_port)
+    slow = {"hippocampus": {"plugin": "tests.integration.slow_plugin:SlowHippocampus",
+                            "options": {"delay_s": 1.5}}}
+    node, workers = scaled_out(
+        2, slow, queue=http_queue(api_port), port=node_port,
+        api={"enabled": True, "host": "127.0.0.1", "port": api_port, "token": "s3cret-token"},
+        destination=(orthanc.aet, "127.0.0.1", orthanc.dicom_port),
+    )
+    studies = distinct_studies(tmp_path / "studies", 10)
+    study_uids = [str(pydicom.dcmread(next(s.glob("*.dcm"))).StudyInstanceUID) for s in studies]
+    run_storescu(studies, orthanc.dicom_port, called_aet=orthanc.aet)
+    wait_until(lambda: "running on" in workers[0].log_text(), deadline_s=120, what="a job on worker 0")
+    workers[0].kill()
+    wait_until(lambda: sent_jobs(node) == 10, deadline_s=300, what="all ten studies' results sent", poll_s=1.0)
+    time.sleep(2.0)
+    for study_uid in study_uids:
+        results = study_results(orthanc, study_uid)
+        assert [len(results[k]) for k in ("SEG", "SC", "SR")] == [1, 1, 1], study_uid
+        for kind in ("SEG", "SC", "SR"):
+            assert len(results[kind][0]["Instances"]) == 1  # exactly once
+    jobs = node.ledger().job_rows(limit=50)
+    assert len(jobs) == 10 and all(j.state == "done" for j in jobs)
+    assert sorted(j.attempts for j in jobs) == [1] * 9 + [2]  # the killed worker's job ran again
+    assert sum(w.log_text().count("instance(s) fetched from") for w in workers) >= 10
