@@ -94,6 +94,9 @@ class DeliveryLoop:
         """Attempt every delivery that is due; return how many were sent."""
         sent = 0
         for delivery in self.ledger.due_deliveries(self.clock()):
+            # Several receivers may share the ledger: only the one that takes it sends it.
+            if not self.ledger.claim_delivery(delivery.id, self.clock(), self._lease_s()):
+                continue
             start = time.perf_counter()
             try:
                 self._send(delivery)
@@ -106,6 +109,10 @@ class DeliveryLoop:
             logger.info(self.job_line(delivery.job_uid, f"sent to {delivery.destination}"))
             sent += 1
         return sent
+
+    def _lease_s(self) -> float:
+        """How long a claimed delivery is ours: its association, with room to spare."""
+        return 4 * self.settings.timeout_s + 30.0
 
     def _send(self, delivery: DueDelivery) -> None:
         destination = self.destinations.get(delivery.destination)

@@ -125,6 +125,9 @@ class Ledger(Protocol):
     def due_deliveries(self, now: float) -> list[DueDelivery]:
         """Return pending deliveries whose next attempt is due, oldest first."""
 
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other sender attempts it; return whether taken."""
+
     def delivery_succeeded(self, delivery_id: int, now: float) -> None:
         """Mark a delivery sent."""
 

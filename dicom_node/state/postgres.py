@@ -700,6 +700,19 @@ class PostgresLedger:
             for row in rows
         ]
 
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other receiver sends it too; return whether taken.
+
+        One conditional UPDATE: of two receivers that both saw it due, one takes it. A
+        sender that dies mid-send leaves it due again once the lease is over.
+        """
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = %s WHERE id = %s AND state = 'pending'"
+                " AND next_attempt_at <= %s",
+                (now + lease_s, delivery_id, now),
+            ).rowcount > 0
+
     def delivery_succeeded(self, delivery_id: int, now: float) -> None:
         """Mark a delivery sent."""
         with self.transaction() as db:

@@ -521,6 +521,19 @@ class SqliteLedger:
             for row in rows
         ]
 
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other sender attempts it; return whether taken.
+
+        Moving its next attempt past the lease is the claim: a sender that dies mid-send
+        leaves it due again once the lease is over.
+        """
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id = ? AND state = 'pending'"
+                " AND next_attempt_at <= ?",
+                (now + lease_s, delivery_id, now),
+            ).rowcount > 0
+
     def delivery_succeeded(self, delivery_id: int, now: float) -> None:
         """Mark a delivery sent."""
         with self.transaction() as db:

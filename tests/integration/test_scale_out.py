@@ -273,3 +273,30 @@ def test_orthanc_routes_ten_studies_to_a_receiver_and_two_workers_with_a_worker_
     assert len(jobs) == 10 and all(j.state == "done" for j in jobs)
     assert sorted(j.attempts for j in jobs) == [1] * 9 + [2]  # the killed worker's job ran again
     assert sum(w.log_text().count("instance(s) fetched from") for w in workers) >= 10
+
+
+def test_two_receivers_one_ledger_complete_a_study_once(
+    tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+) -> None:
+    """Half a study at each receiver: one job; the study resent to the other after a failover: no second job."""
+    node, _ = scaled_out(1, {"hippocampus": {"plugin": "hippocampus"}})
+    other = NodeProcess(tmp_path / "receiver-2", port=free_port(),
+                        destinations={"pacs": (storescp.aet, storescp.host, storescp.port)},
+                        config={"state": node.config["state"], "queue": node.config["queue"],
+                                "analyses": node.config["analyses"]})
+    other.start()
+    try:
+        (study,) = distinct_studies(tmp_path / "studies", 1)
+        files = sorted(study.glob("*.dcm"))
+        run_storescu(files[:16], node.port, called_aet="DICOMNODE")
+        run_storescu(files[16:], other.port, called_aet="DICOMNODE")
+        wait_until(lambda: sent_jobs(node) == 1, deadline_s=120, what="results sent")
+        run_storescu(files, other.port, called_aet="DICOMNODE")  # resent after a failover
+        time.sleep(4.0)  # two quiet periods and a few scheduling rounds on both receivers
+        (job,) = node.ledger().job_rows()
+        assert job.state == "done" and job.generation == 1
+        assert node.ledger().counts().instances == 32
+    finally:
+        other.stop(timeout_s=30)
+    sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
+    assert len(sops) == 3 and set(sops.values()) == {1}

@@ -198,3 +198,20 @@ def test_manifest_lists_sizes_and_digests(ledger: Ledger) -> None:
     assert [m.sop_instance_uid for m in manifest] == ["1.2.3.1", "1.2.3.2"]
     assert manifest[0].to_json() == {"sop_instance_uid": "1.2.3.1", "size_bytes": 1000, "sha256": "a" * 64}
     assert manifest[0].path == "/spool/1.2.3.1.dcm"
+
+
+def test_a_due_delivery_is_taken_by_one_sender(open_again: OpenLedger) -> None:
+    first, second = open_again(), open_again()  # two receivers on one ledger
+    first.record_instance(record("1.2.3.1", 100.0), SERIES)
+    first.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
+    job = first.claim_next_job(111.0, ["hippocampus"])
+    assert job is not None
+    first.finish_job(job.id, 112.0, state="done", deliveries=[("pacs", ["/r/seg.dcm"])])
+    (due,) = second.due_deliveries(112.0)
+    assert first.claim_delivery(due.id, 112.0, lease_s=60)
+    assert not second.claim_delivery(due.id, 112.0, lease_s=60)
+    assert second.due_deliveries(150.0) == []  # taken for the lease
+    (again,) = second.due_deliveries(172.0)  # its sender died: due again after the lease
+    assert second.claim_delivery(again.id, 172.0, lease_s=60)
+    second.delivery_succeeded(again.id, 173.0)
+    assert not first.claim_delivery(again.id, 500.0, lease_s=60)  # sent: nothing to take
