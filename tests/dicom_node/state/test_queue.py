@@ -135,3 +135,21 @@ def test_jobs_of_a_silent_worker_are_queued_again_once(
     assert ledger.queue_depths() == {"hippocampus@any": {"todo": 1, "doing": 1}}
     again = ledger.start_job(taken[0], 12.0)
     assert again is not None and again.attempts == 2
+
+
+def test_metrics_show_the_queue_and_the_workers(admin: tuple[PostgresLedger, psycopg.Connection[Any]]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicom_node.service.metrics import NodeMetrics
+
+    ledger, db = admin
+    ledger.record_instance(record("1.2.3.1"), SERIES)
+    ledger.complete_study("1.2", 10.0, [PlannedJob("gpu-only", "1.2.3")])
+    db.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '42 seconds')")
+    text = NodeMetrics(ledger, lambda: {}).render().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("dicom_node_queue_jobs", (("queue", "gpu-only@cuda"), ("status", "todo")))] == 1
+    assert samples[("dicom_node_workers", ())] == 1
+    (age,) = [v for (name, _), v in samples.items() if name == "dicom_node_worker_heartbeat_age_seconds"]
+    assert 41 <= age < 60
