@@ -206,7 +206,7 @@ def upgrade_ledger(
         SqliteLedger(path).close()
         return before, SCHEMA_VERSION
     _require_psycopg()
-    from dicom_node.state.postgres import connect, upgrade_schema
+    from dicom_node.state.postgres_schema import connect, upgrade_schema
 
     assert state.dsn is not None
     password = state.password(os.environ if environ is None else environ)
