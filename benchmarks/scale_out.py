@@ -8,7 +8,7 @@ set-up and each job's enqueue-to-start time (ledger ``created_at`` to ``started_
 the hand-off overhead of the queue. Printed as a table and as ratios. Not part of the test suite.
 From the repository root:
 
-    .venv/bin/python -m benchmarks.scale_out [--studies 20] [--probes 5]
+    .venv/bin/python -m benchmarks.scale_out [--studies 20] [--probes 5] [--torch-threads 1]
 """
 
 from __future__ import annotations
@@ -66,11 +66,13 @@ def wait_sent(node: NodeProcess, count: int, deadline_s: float = 900.0) -> None:
 
 
 @contextmanager
-def setup(work: Path, pacs: StoreScpProcess, cluster: Cluster | None, workers: int) -> Iterator[NodeProcess]:
+def setup(work: Path, pacs: StoreScpProcess, cluster: Cluster | None, workers: int,
+          torch_threads: int) -> Iterator[NodeProcess]:
     """The node (and its workers), running; stopped afterwards."""
     config: dict[str, object] = {
         "grouping": {"quiet_period_s": 0.5, "max_wait_s": 600.0},
-        "workers": {"device": "cpu", "cpu_workers": 1, "job_timeout_s": 600.0},
+        "workers": {"device": "cpu", "cpu_workers": 1, "job_timeout_s": 600.0,
+                    "torch_threads": torch_threads},
     }
     if cluster is not None:
         dsn = cluster.create_database(f"bench_{work.name.replace('-', '_')}")
@@ -113,6 +115,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--probes", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="workers.torch_threads of every worker (0: torch's default, all cores)")
     args = parser.parse_args()
     import os
 
@@ -126,7 +130,7 @@ def main() -> int:
                                             ("PostgreSQL, 1 worker", cluster, 1),
                                             ("PostgreSQL, 2 workers", cluster, 2)):
                 work = Path(tmp) / f"run-{len(results)}"
-                with setup(work, pacs, database, workers) as node:
+                with setup(work, pacs, database, workers, args.torch_threads) as node:
                     results[name] = measure(node, work, args.studies, args.probes)
                 print(f"{name:<36} {results[name][0]:6.1f} studies/min   enqueue->start"
                       f" {results[name][1]:7.1f} ms", flush=True)
