@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
 
 from dicom_node.cli.arguments import config_from_args
 from dicom_node.errors import ConfigError
-from dicom_node.service.jobs import retry_job
+from dicom_node.service.jobs import fleet_of, retry_job
 from dicom_node.state.ledger import LEDGER_FILE, Ledger, open_ledger, upgrade_ledger
 from dicom_node.state.queue import job_queues
 
@@ -49,19 +48,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         ledger.close()
 
 
-def _fleet(ledger: Ledger) -> dict[str, Any] | None:
-    """The job queue's view (scaled-out mode): depth per queue and the workers; ``None`` on one box."""
-    depths = getattr(ledger, "queue_depths", None)
-    workers = getattr(ledger, "workers", None)
-    if depths is None or workers is None:
-        return None
-    return {"queues": depths(), "workers": workers()}
-
-
 def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
     studies = ledger.study_rows(limit=args.limit)
     jobs = ledger.job_rows(limit=args.limit)
-    fleet = _fleet(ledger)
+    fleet = fleet_of(ledger)
     if args.json:
         shown = {"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
                  "jobs": [j.to_json() for j in jobs]}

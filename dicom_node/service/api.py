@@ -21,7 +21,7 @@ from dicom_node import __version__
 from dicom_node.config import ApiSettings
 from dicom_node.errors import InvalidJobRequest
 from dicom_node.service.transfer import add_transfer_routes
-from dicom_node.service.jobs import JobService
+from dicom_node.service.jobs import JobService, fleet_of
 from dicom_node.service.status_page import render_status_page
 from dicom_node.state.records import DeliveryState, JobRecord, JobState
 
@@ -218,6 +218,14 @@ def create_app(
         return {"status": "ok", "ae_title": ae_title, "version": __version__, **live_figures(),
                 "jobs_queued": counts.jobs.get(JobState.QUEUED, 0), "tasks": jobs.task_names,
                 "token_required": token is not None, "time": time.time()}
+
+    @app.get("/fleet")
+    def fleet() -> dict[str, Any]:
+        """Scaled out: jobs per queue and the registered workers; on one box ``mode`` is ``single``."""
+        view = fleet_of(jobs.ledger)
+        if view is None:
+            return {"mode": "single", "queues": {}, "workers": []}
+        return {"mode": "queue", **view}
 
     @app.get("/metrics")
     def metrics() -> Response:

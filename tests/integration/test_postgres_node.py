@@ -1,4 +1,4 @@
-"""The node with its ledger in PostgreSQL: a real cluster, a real study, a kill -9 while the job runs."""
+"""The node with its ledger in PostgreSQL and a worker on its own host: a real cluster, a real study, a kill -9 while the job runs."""
 
 from __future__ import annotations
 
@@ -62,7 +62,11 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 def test_kill_while_job_runs_then_restart_delivers_once(
     storescp: StoreScpProcess, make_node: Callable[..., NodeProcess], postgres_state: dict[str, Any]
 ) -> None:
+    # With its ledger in PostgreSQL the node runs analyses through the job queue: here on a
+    # worker it starts on its own host, killed with it; the job comes back by stalled-job recovery.
     config = {"state": postgres_state,
+              "queue": {"serve_runs_analyses": True, "heartbeat_s": 1.0, "stalled_after_s": 3.0,
+                        "recover_interval_s": 1.0},
               "analyses": {"hippocampus": {"plugin": "tests.integration.slow_plugin:SlowHippocampus",
                                            "options": {"delay_s": 6.0}}}}
     node = make_node(destinations={"pacs": (storescp.aet, storescp.host, storescp.port)}, config=config)

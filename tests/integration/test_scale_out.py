@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import urllib.request
 import subprocess
 import sys
 import time
@@ -208,6 +210,9 @@ def test_workers_fetch_instances_over_http_and_return_results(
     assert fetched == 3
     assert all(job.state == "done" for job in node.ledger().job_rows())
     assert node.ledger().due_deliveries(time.time() + 1e6) == []  # nothing left to send
+    fleet = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{api_port}/fleet", timeout=10).read())
+    assert fleet["mode"] == "queue" and len(fleet["workers"]) == 2  # the status page's fleet view
+    assert all(w["job_uid"] is None and w["heartbeat_age_s"] < 5 for w in fleet["workers"])
     receiver_results = node.data_dir / "results"
     assert len(list(receiver_results.glob("*/*.dcm"))) == 3 * 3  # uploaded to the receiving node
     for worker in workers:
