@@ -7,15 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from dicom_node.config import build_config, StateSettings
-from dicom_node.state.ledger import open_ledger, upgrade_ledger
-from dicom_node.state.postgres import PostgresLedger
-from dicom_node.state.queue import TASK_NAME, device_class, job_queues, worker_queues
-from dicom_node.state.records import InstanceRecord, PlannedJob
-from tests.postgres import Cluster
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'dicom-node[postgresql]')")
+
+from dicom_node.config import StateSettings, build_config  # noqa: E402
+from dicom_node.state.ledger import open_ledger, upgrade_ledger  # noqa: E402
+from dicom_node.state.postgres import PostgresLedger  # noqa: E402
+from dicom_node.state.queue import TASK_NAME, device_class, job_queues, worker_queues  # noqa: E402
+from dicom_node.state.records import InstanceRecord, PlannedJob  # noqa: E402
+from tests.postgres import Cluster  # noqa: E402
 
 SERIES = {
     "modality": "MR", "description": "HippoCrop", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
