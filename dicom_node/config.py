@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -139,6 +140,15 @@ class AnalysisSettings(_Frozen):
     destinations: tuple[str, ...] | None = None
     series_numbers: SeriesNumbers = SeriesNumbers()
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Device classes whose workers may run it (scaled-out mode: one queue per class).
+    devices: tuple[Literal["cuda", "cpu"], ...] = ("cuda", "cpu")
+
+    @field_validator("devices")
+    @classmethod
+    def _some_device(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one device class: 'cuda', 'cpu' or both")
+        return tuple(dict.fromkeys(value))
 
 
 def _default_analyses() -> dict[str, AnalysisSettings]:
@@ -190,6 +200,112 @@ class ApiSettings(_Frozen):
         return token
 
 
+#: The environment variable that carries the PostgreSQL password when no file does.
+PASSWORD_ENV = "DICOM_NODE_DB_PASSWORD"
+
+
+class StateSettings(_Frozen):
+    """Where the ledger lives: SQLite in ``node.data_dir`` (one box) or a PostgreSQL database.
+
+    With ``backend = "postgresql"``, ``dsn`` names the server and database
+    (``postgresql://USER@HOST:PORT/DB``); the password comes from ``password_file`` (one
+    line) or the environment variable ``DICOM_NODE_DB_PASSWORD``, never from this file.
+    """
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str | None = None
+    password_file: Path | None = None
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_without_password(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = re.fullmatch(r"postgres(?:ql)?://([^@/]*@)?[^/]*/[^/?#]+(\?.*)?", value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a PostgreSQL URL such as postgresql://USER@HOST:5432/DB"
+            )
+        user = match.group(1) or ""
+        if ":" in user or re.search(r"(^|[?&])password=", match.group(2) or ""):
+            raise ValueError(
+                "the dsn must not hold a password: use state.password_file or the "
+                f"environment variable {PASSWORD_ENV}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> StateSettings:
+        if self.backend == "postgresql" and self.dsn is None:
+            raise ValueError("backend 'postgresql' needs dsn = \"postgresql://USER@HOST:PORT/DB\"")
+        if self.backend == "sqlite" and (self.dsn is not None or self.password_file is not None):
+            raise ValueError("dsn and password_file apply only to backend = \"postgresql\"")
+        return self
+
+    def password(self, environ: Mapping[str, str]) -> str | None:
+        """Return the database password from ``password_file`` or ``environ``, or ``None``.
+
+        Raises
+        ------
+        ConfigError
+            If ``password_file`` cannot be read or is empty.
+        """
+        if self.password_file is not None:
+            try:
+                password = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"state.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from None
+            if not password:
+                raise ConfigError(f"state.password_file: {self.password_file} is empty")
+            return password
+        return environ.get(PASSWORD_ENV) or None
+
+
+class QueueSettings(_Frozen):
+    """The job queue of the scaled-out mode (``state.backend = "postgresql"``).
+
+    Workers send a heartbeat every ``heartbeat_s``; the receiving node looks every
+    ``recover_interval_s`` for jobs whose worker sent none for ``stalled_after_s`` (killed,
+    host gone) and queues them again. On SIGTERM a worker lets its current job finish for up
+    to ``stop_grace_s``. ``serve_runs_analyses`` makes ``serve`` start a worker on its own
+    host (device ``workers.device``).
+    """
+
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    stalled_after_s: Annotated[float, Field(gt=0)] = 30.0
+    recover_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    stop_grace_s: Annotated[float, Field(ge=0)] = 600.0
+    serve_runs_analyses: bool = False
+    #: How workers get a job's instances: "http" from the receiving node's API (``receiver_url``,
+    #: the bearer token of ``[api]``), or "shared" from the spool paths (a shared mount).
+    instances: Literal["shared", "http"] = "shared"
+    receiver_url: str | None = None
+    transfer_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("receiver_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// address such as http://node:8080")
+        return None if value is None else value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _receiver_for_http(self) -> QueueSettings:
+        if self.instances == "http" and self.receiver_url is None:
+            raise ValueError('instances = "http" needs receiver_url, the receiving node\'s API address')
+        return self
+
+    @model_validator(mode="after")
+    def _stalled_after_heartbeats(self) -> QueueSettings:
+        if self.stalled_after_s < 2 * self.heartbeat_s:
+            raise ValueError("stalled_after_s must be at least twice heartbeat_s, or live workers"
+                             " would look stalled")
+        return self
+
+
 class WatchSettings(_Frozen):
     """A folder whose files are ingested like C-STORE instances (off while ``dir`` is unset).
 
@@ -221,6 +337,8 @@ class NodeConfig(_Frozen):
     tasks: dict[str, AnalysisSettings] = Field(default_factory=_default_tasks)
     api: ApiSettings = ApiSettings()
     watch: WatchSettings = WatchSettings()
+    state: StateSettings = StateSettings()
+    queue: QueueSettings = QueueSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:

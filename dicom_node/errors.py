@@ -11,6 +11,14 @@ class ConfigError(DicomNodeError):
     """The configuration is invalid: refuse to start. The message names the key."""
 
 
+class LedgerUnavailable(DicomNodeError):
+    """The ledger's database cannot be reached just now (a PostgreSQL restart): try again shortly."""
+
+
+class ReceiverUnavailable(DicomNodeError):
+    """A worker cannot reach the receiving node's API just now: the job goes back to the queue."""
+
+
 class RejectedInstance(DicomNodeError):
     """An instance cannot be stored: answer the C-STORE with ``status``.
 

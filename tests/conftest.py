@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+
+from tests import postgres
+from tests.postgres import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -80,3 +83,13 @@ def dciodvfy() -> Callable[[Path], list[str]]:
         return [line for line in lines if line.startswith("Error")]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster for the session (skipped where PostgreSQL is absent)."""
+    reason = postgres.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.running_cluster() as cluster:
+        yield cluster

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import dump_toml, merge
+from dicom_node.config import build_config, dump_toml, merge
 from dicom_node.state.ledger import Ledger, open_ledger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,7 @@ class NodeProcess:
         self.config = merge(base, config or {})
         self.config_file.write_text(dump_toml(self.config), encoding="utf-8")
         self.process: subprocess.Popen[bytes] | None = None
+        self._ledger: Ledger | None = None
 
     @property
     def ae_title(self) -> str:
@@ -112,6 +113,9 @@ class NodeProcess:
         int or None
             The node's exit status; ``None`` if it was never started.
         """
+        if self._ledger is not None:
+            self._ledger.close()  # a PostgreSQL ledger holds a pool of connections
+            self._ledger = None
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
@@ -138,8 +142,15 @@ class NodeProcess:
         return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""
 
     def ledger(self) -> Ledger:
-        """Open the node's ledger (read it while the node runs: SQLite WAL allows that)."""
-        return open_ledger(self.data_dir)
+        """The node's ledger, opened on first use and closed by :meth:`stop`.
+
+        Either backend may be read while the node runs (SQLite WAL, PostgreSQL); a
+        PostgreSQL password comes from the environment, as the node's does.
+        """
+        if self._ledger is None:
+            config = build_config(self.config)
+            self._ledger = open_ledger(config.node.data_dir, config.state)
+        return self._ledger
 
     def __enter__(self) -> NodeProcess:
         self.start()

@@ -1,4 +1,4 @@
-"""The commands that read and change the ledger: ``status`` and ``retry``."""
+"""The commands that read and change the ledger: ``status``, ``retry`` and ``db upgrade``."""
 
 from __future__ import annotations
 
@@ -8,27 +8,67 @@ import time
 
 from dicom_node.cli.arguments import config_from_args
 from dicom_node.errors import ConfigError
-from dicom_node.service.jobs import retry_job
-from dicom_node.state.ledger import LEDGER_FILE, Ledger, open_ledger
+from dicom_node.service.jobs import fleet_of, retry_job
+from dicom_node.state.ledger import LEDGER_FILE, Ledger, open_ledger, upgrade_ledger
+from dicom_node.state.queue import job_queues
 
 
 def _ledger(args: argparse.Namespace) -> Ledger:
     config = config_from_args(args)
     path = config.node.data_dir / LEDGER_FILE
-    if not path.exists():
+    if config.state.backend == "sqlite" and not path.exists():
         raise ConfigError(f"no ledger at {path}: has the node run with this data directory?")
-    return open_ledger(config.node.data_dir)
+    # with the queues, so that a job queued again here also enters the job queue
+    queues = job_queues(config) if config.state.backend == "postgresql" else None
+    return open_ledger(config.node.data_dir, config.state, queues=queues)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Create the configured ledger's schema, or migrate it to this version (safe to repeat)."""
+    config = config_from_args(args)
+    where = (str(config.node.data_dir / LEDGER_FILE) if config.state.backend == "sqlite"
+             else str(config.state.dsn))
+    before, after = upgrade_ledger(config.node.data_dir, config.state)
+    if before is None:
+        print(f"{config.state.backend} ledger at {where}: created at schema version {after}")
+    elif before == after:
+        print(f"{config.state.backend} ledger at {where}: already at schema version {after}")
+    else:
+        print(f"{config.state.backend} ledger at {where}: migrated from schema version {before}"
+              f" to {after}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the recent studies and jobs, with measurements, failure reasons and deliveries."""
     ledger = _ledger(args)
+    try:
+        return _print_status(ledger, args)
+    finally:
+        ledger.close()
+
+
+def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
     studies = ledger.study_rows(limit=args.limit)
     jobs = ledger.job_rows(limit=args.limit)
+    fleet = fleet_of(ledger)
     if args.json:
-        print(json.dumps({"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
-                          "jobs": [j.to_json() for j in jobs]}, indent=2))
+        shown = {"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
+                 "jobs": [j.to_json() for j in jobs]}
+        if fleet is not None:
+            shown["fleet"] = fleet
+        print(json.dumps(shown, indent=2))
         return 0
+    if fleet is not None:
+        print("Queues (waiting / running)")
+        for name, depth in sorted(fleet["queues"].items()):
+            print(f"  {name:<32} {depth['todo']:>4} / {depth['doing']}")
+        if not fleet["queues"]:
+            print("  (empty)")
+        print(f"Workers ({len(fleet['workers'])})")
+        for worker in fleet["workers"]:
+            doing = f"job {worker['job_uid']} ({worker['queue']})" if worker["job_uid"] else "idle"
+            print(f"  worker {worker['id']}  heartbeat {worker['heartbeat_age_s']:.0f} s ago  {doing}")
     print(f"Studies ({len(studies)} shown)")
     for st in studies:
         purged = ""
@@ -58,6 +98,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Re-queue one job (and its dead-lettered deliveries), or every dead-lettered delivery."""
     ledger = _ledger(args)
+    try:
+        return _retry(ledger, args)
+    finally:
+        ledger.close()
+
+
+def _retry(ledger: Ledger, args: argparse.Namespace) -> int:
     now = time.time()
     if args.job:
         outcome = retry_job(ledger, args.job, now)

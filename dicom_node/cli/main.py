@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
-from dicom_node.cli.ledger_commands import cmd_retry, cmd_status
+from dicom_node.cli.ledger_commands import cmd_db_upgrade, cmd_retry, cmd_status
 from dicom_node.config import NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
@@ -95,6 +95,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         logger.info("stopping: no new associations, draining running jobs")
         node.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.service.worker import QueueWorker
+
+    config = config_from_args(args)
+    worker = QueueWorker(config, args.device, config.node.data_dir)
+    worker.serve()
     return 0
 
 
@@ -187,6 +196,11 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     add_config_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("worker", help="take jobs from the PostgreSQL queue and run them on one device")
+    add_config_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("check-config", help="validate a configuration and print the effective one")
     add_config_arguments(p)
     p.set_defaults(func=cmd_check_config)
@@ -213,6 +227,11 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     add_config_arguments(p)
     p.add_argument("job", nargs="?", help="job uid (default: all dead-lettered deliveries)")
     p.set_defaults(func=cmd_retry)
+
+    db = sub.add_parser("db", help="the ledger database").add_subparsers(dest="db_command", required=True)
+    p = db.add_parser("upgrade", help="create the ledger's schema or migrate it to this version")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_db_upgrade)
 
     for problem in mount_commands(CommandParsers(sub), installed_commands() if commands is None else commands):
         print(f"dicom-node: {problem}", file=sys.stderr)

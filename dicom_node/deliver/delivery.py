@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dicom_node.config import DeliverySettings, Destination
 from dicom_node.deliver.sender import send_files
-from dicom_node.errors import DeliveryFailed
+from dicom_node.errors import DeliveryFailed, LedgerUnavailable
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import DueDelivery
 
@@ -83,13 +83,20 @@ class DeliveryLoop:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self.deliver_due()
+            try:
+                self.deliver_due()
+            except LedgerUnavailable as exc:  # a database restart: results wait, nothing is lost
+                logger.warning("delivery paused: %s", exc)
+                self._stopping.wait(1.0)
             self._stopping.wait(0.1)
 
     def deliver_due(self) -> int:
         """Attempt every delivery that is due; return how many were sent."""
         sent = 0
         for delivery in self.ledger.due_deliveries(self.clock()):
+            # Several receivers may share the ledger: only the one that takes it sends it.
+            if not self.ledger.claim_delivery(delivery.id, self.clock(), self._lease_s()):
+                continue
             start = time.perf_counter()
             try:
                 self._send(delivery)
@@ -102,6 +109,10 @@ class DeliveryLoop:
             logger.info(self.job_line(delivery.job_uid, f"sent to {delivery.destination}"))
             sent += 1
         return sent
+
+    def _lease_s(self) -> float:
+        """How long a claimed delivery is ours: its association, with room to spare."""
+        return 4 * self.settings.timeout_s + 30.0
 
     def _send(self, delivery: DueDelivery) -> None:
         destination = self.destinations.get(delivery.destination)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import time
@@ -162,6 +163,7 @@ def persist(
         calling_ae_title=calling_ae_title,
         received_at=received_at,
         origin=origin,
+        sha256=_sha256(parts),
     )
     try:
         ledger.record_instance(record, ids.series)
@@ -170,6 +172,13 @@ def persist(
             status.OUT_OF_RESOURCES, f"cannot record instance in the ledger: {exc}"
         ) from exc
     return record
+
+
+def _sha256(parts: tuple[bytes | memoryview, ...]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def check_complete(ds: Dataset, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pydicom
@@ -36,6 +37,7 @@ def recover_spool(spool: Spool, ledger: Ledger, now: float) -> int:
             study_uid=path.parent.parent.name, sop_class_uid=str(ds.get("SOPClassUID", "")),
             transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")), path=str(path),
             size_bytes=path.stat().st_size, calling_ae_title="(recovered)", received_at=now,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         )
         ledger.record_instance(record, series_attributes(ds))
         recovered += 1

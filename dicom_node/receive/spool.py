@@ -47,7 +47,7 @@ class Spool:
         folder = path.parent
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         tmp = folder / f".{path.name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
@@ -68,7 +68,7 @@ class Spool:
         os.close(fd)
         os.replace(tmp, path)
         if self.fsync:
-            _fsync_dir(folder)
+            fsync_dir(folder)
 
     def free_bytes(self) -> int:
         """Return the free space on the spool's file system."""
@@ -90,7 +90,7 @@ class Spool:
         if folder.exists():
             shutil.rmtree(folder)
             if self.fsync:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a crash mid-write; return how many."""
@@ -101,7 +101,8 @@ class Spool:
         return count
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (fsync the directory)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -118,4 +119,4 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)

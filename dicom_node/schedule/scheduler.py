@@ -124,9 +124,13 @@ class Scheduler:
             return f"job {job_uid} outcome={outcome}"
         return job.log_line(self.ledger.study(job.study_uid), outcome)
 
-    def prepare(self, job: JobRecord) -> JobSpec | None:
-        """Return the worker's spec of a claimed job, or fail the job when its images are gone."""
-        paths = self.ledger.instance_paths(job.series_uid or "")
+    def prepare(self, job: JobRecord, paths: Sequence[Path] | None = None) -> JobSpec | None:
+        """Return the worker's spec of a claimed job, or fail the job when its images are gone.
+
+        ``paths``: the instances' files when they are not at their spool paths (a worker on
+        another host fetched them); by default the ledger's spool paths.
+        """
+        paths = self.ledger.instance_paths(job.series_uid or "") if paths is None else list(paths)
         missing = [p for p in paths if not p.exists()]
         study = None if paths else self.ledger.study(job.study_uid)
         if study is not None and study.purged_at is not None:

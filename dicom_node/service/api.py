@@ -6,9 +6,9 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import uvicorn
@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dicom_node import __version__
 from dicom_node.config import ApiSettings
 from dicom_node.errors import InvalidJobRequest
-from dicom_node.service.jobs import JobService
+from dicom_node.service.transfer import add_transfer_routes
+from dicom_node.service.jobs import JobService, fleet_of
 from dicom_node.service.status_page import render_status_page
 from dicom_node.state.records import DeliveryState, JobRecord, JobState
 
@@ -97,6 +98,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def create_app(
     jobs: JobService, settings: ApiSettings, *, ae_title: str,
     live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes],
+    results_dir: Path | None = None,
 ) -> FastAPI:
     """Build the FastAPI application.
 
@@ -112,6 +114,9 @@ def create_app(
         Returns the node's live figures (busy workers) for ``/healthz``.
     render_metrics
         Returns the Prometheus text of ``/metrics``.
+    results_dir
+        Scaled out: serve the transfer routes for worker hosts
+        (:mod:`dicom_node.service.transfer`), uploads going here. They need ``api.token``.
     """
     app = FastAPI(title="dicom-node", version=__version__,
                   description="Jobs, studies, health and metrics of a dicom-node. Changing calls need "
@@ -125,6 +130,9 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
             raise HTTPException(401, "a bearer token is required for this call",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    if results_dir is not None and token is not None:
+        add_transfer_routes(app, jobs.ledger, results_dir, authorised)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,6 +218,14 @@ def create_app(
         return {"status": "ok", "ae_title": ae_title, "version": __version__, **live_figures(),
                 "jobs_queued": counts.jobs.get(JobState.QUEUED, 0), "tasks": jobs.task_names,
                 "token_required": token is not None, "time": time.time()}
+
+    @app.get("/fleet")
+    def fleet() -> dict[str, Any]:
+        """Scaled out: jobs per queue and the registered workers; on one box ``mode`` is ``single``."""
+        view = fleet_of(jobs.ledger)
+        if view is None:
+            return {"mode": "single", "queues": {}, "workers": []}
+        return {"mode": "queue", **view}
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -167,3 +167,19 @@ class JobService:
     def counts(self) -> LedgerCounts:
         """Return how many studies, jobs and deliveries are in each state."""
         return self.ledger.counts()
+
+
+def fleet_of(ledger: Ledger) -> dict[str, Any] | None:
+    """The job queue's view in the scaled-out mode, or ``None`` on one box.
+
+    Returns
+    -------
+    dict or None
+        ``queues``: per queue, jobs waiting (``todo``) and running (``doing``); ``workers``:
+        each registered worker's id, seconds since its heartbeat, current job and queue.
+    """
+    depths = getattr(ledger, "queue_depths", None)
+    workers = getattr(ledger, "workers", None)
+    if depths is None or workers is None:
+        return None
+    return {"queues": depths(), "workers": workers()}

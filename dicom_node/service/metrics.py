@@ -42,6 +42,7 @@ class _LedgerCollector(Collector):
         depth.add_metric(["deliveries"], counts.deliveries.get(DeliveryState.PENDING, 0))
         depth.add_metric(["studies_receiving"], counts.studies.get(StudyState.RECEIVING, 0))
         yield depth
+        yield from _fleet_metrics(self.ledger)
         received = CounterMetricFamily(
             "dicom_node_instances_received", "Instances stored since start, by way in", labels=["origin"]
         )
@@ -55,6 +56,27 @@ class _LedgerCollector(Collector):
                 rejected.add_metric([origin, reason], count)
         yield received
         yield rejected
+
+
+def _fleet_metrics(ledger: Ledger) -> Iterator[Metric]:
+    """The job queue of the scaled-out mode: jobs per queue and status, workers and heartbeats."""
+    depths = getattr(ledger, "queue_depths", None)
+    workers = getattr(ledger, "workers", None)
+    if depths is None or workers is None:
+        return
+    queued = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs in the job queue, by queue and status",
+                               labels=["queue", "status"])
+    for name, depth in sorted(depths().items()):
+        for status, count in sorted(depth.items()):
+            queued.add_metric([name, status], count)
+    yield queued
+    registered = workers()
+    yield GaugeMetricFamily("dicom_node_workers", "Registered queue workers", value=len(registered))
+    age = GaugeMetricFamily("dicom_node_worker_heartbeat_age_seconds",
+                            "Seconds since each worker's last heartbeat", labels=["worker"])
+    for worker in registered:
+        age.add_metric([str(worker["id"])], worker["heartbeat_age_s"])
+    yield age
 
 
 class NodeMetrics:

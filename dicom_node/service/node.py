@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import LedgerUnavailable
 from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
 from dicom_node.receive.recovery import recover_spool
@@ -23,7 +25,9 @@ from dicom_node.schedule.scheduler import Scheduler
 from dicom_node.service.api import ApiServer, create_app
 from dicom_node.service.jobs import JobService
 from dicom_node.service.metrics import NodeMetrics
+from dicom_node.service.worker import start_local_workers, stop_local_workers
 from dicom_node.state.ledger import open_ledger
+from dicom_node.state.queue import job_queues
 from dicom_node.state.records import Origin
 
 logger = logging.getLogger(__name__)
@@ -49,7 +53,9 @@ class Node:
         self.clock = clock
         data_dir = config.node.data_dir
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
-        self.ledger = open_ledger(data_dir)
+        self.queued = config.state.backend == "postgresql"  # jobs go through the job queue
+        self.ledger = open_ledger(data_dir, config.state,
+                                  queues=job_queues(config) if self.queued else None)
         analyses = create_analyses(config.analyses)
         # analyses run on every complete study; tasks only when a job names them
         tasks = {k: v for k, v in config.tasks.items() if k not in config.analyses}
@@ -80,6 +86,8 @@ class Node:
         self.api: ApiServer | None = None
         self.watcher: WatchFolder | None = None
         self.pool: WorkerPool | None = None
+        self.local_workers: list[subprocess.Popen[bytes]] = []
+        self._next_recovery_at = 0.0
         self.address: tuple[str, int] | None = None
         self._next_purge_at = 0.0
 
@@ -95,16 +103,20 @@ class Node:
                 "recovered: %d partial file(s) removed, %d instance(s) re-recorded, %d job(s) re-queued",
                 stale, recovered, requeued,
             )
-        devices = resolve_devices(self.config.workers)
-        self.pool = WorkerPool(self.config.workers, self.config.runnable(), devices)
-        if not self.pool.wait_ready(ready_timeout_s):
-            raise RuntimeError("workers did not load their models in time")
-        logger.info("%d worker(s) ready on %s", len(devices), ", ".join(devices))
+        if self.queued:
+            self.local_workers = start_local_workers(self.config)
+        else:
+            devices = resolve_devices(self.config.workers)
+            self.pool = WorkerPool(self.config.workers, self.config.runnable(), devices)
+            if not self.pool.wait_ready(ready_timeout_s):
+                raise RuntimeError("workers did not load their models in time")
+            logger.info("%d worker(s) ready on %s", len(devices), ", ".join(devices))
         self.address = self.scp.start()
         self.delivery.start()
         if self.config.api.enabled:
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
-                             live_figures=self._live_figures, render_metrics=self.metrics.render)
+                             live_figures=self._live_figures, render_metrics=self.metrics.render,
+                             results_dir=self.config.node.data_dir / "results" if self.queued else None)
             self.api = ApiServer(app, self.config.api)
             host, port = self.api.start()
             logger.info("HTTP API and status page on http://%s:%d/", host, port)
@@ -122,7 +134,11 @@ class Node:
     def run(self, poll_s: float = 0.1) -> None:
         """Run the scheduling loop until :meth:`request_stop` is called."""
         while not self._stopping.is_set():
-            self.step()
+            try:
+                self.step()
+            except LedgerUnavailable as exc:  # a database restart: wait, then carry on
+                logger.warning("scheduling paused: %s", exc)
+                self._stopping.wait(1.0)
             self._wake.wait(poll_s)
             self._wake.clear()
 
@@ -151,10 +167,12 @@ class Node:
                 time.sleep(0.05)
             self.pool.close()
             self.pool = None
+        stop_local_workers(self.local_workers, self.config.queue.stop_grace_s)
         self.ledger.requeue_interrupted()
         self.delivery.stop(timeout_s=drain_s)
         if self.api is not None:
             self.api.stop()
+        self.ledger.close()
         logger.info("node stopped")
 
     # -- scheduling ------------------------------------------------------------------
@@ -165,11 +183,28 @@ class Node:
         Every :data:`PURGE_INTERVAL_S` it also applies the spool retention.
         """
         self.scheduler.tick()
+        if self.queued and self.clock() >= self._next_recovery_at:
+            self._next_recovery_at = self.clock() + self.config.queue.recover_interval_s
+            self.recover_stalled()
         if self.clock() >= self._next_purge_at:
             self._next_purge_at = self.clock() + PURGE_INTERVAL_S
             self.purge_expired()
         if self.pool is not None and self.scheduler.dispatch(self.pool):
             self._wake.set()
+
+    def recover_stalled(self) -> list[str]:
+        """Queue again the jobs of workers that stopped sending heartbeats; return their uids."""
+        recover = getattr(self.ledger, "recover_stalled", None)
+        if recover is None:
+            return []
+        try:
+            uids: list[str] = recover(self.config.queue.stalled_after_s)
+        except LedgerUnavailable as exc:  # the next round tries again
+            logger.warning("stalled-job recovery failed: %s", exc)
+            return []
+        for uid in uids:
+            logger.warning("job %s: its worker stopped sending heartbeats; queued again", uid)
+        return uids
 
     def purge_expired(self) -> int:
         """Apply the spool retention (``node.retention_days``) now; return how many studies left."""

@@ -1,15 +1,21 @@
 """The ledger interface: every durable state change the node makes, whatever database holds it.
 
 The node, the API and the commands talk to a :class:`Ledger`; SQL lives only in the
-backends beside this module (:mod:`dicom_node.state.sqlite` on one box). Every method is
+backends beside this module (:mod:`dicom_node.state.sqlite` on one box,
+:mod:`dicom_node.state.postgres` when scaled out). Every method is
 one transaction. Times are seconds since the epoch from the caller's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from dicom_node.config import StateSettings
+from dicom_node.errors import ConfigError
 
 from dicom_node.state.records import (
     DueDelivery,
@@ -17,11 +23,13 @@ from dicom_node.state.records import (
     JobRecord,
     JobState,
     LedgerCounts,
+    ManifestEntry,
     Origin,
     PlannedJob,
     SeriesInfo,
     StudyRecord,
 )
+from dicom_node.state.schema import SCHEMA_VERSION
 
 #: The ledger file in a node's data directory (single-box backend).
 LEDGER_FILE = "ledger.sqlite3"
@@ -46,6 +54,9 @@ class Ledger(Protocol):
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Return the spool paths of a series' instances."""
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
 
     # -- studies ---------------------------------------------------------------------
 
@@ -114,6 +125,9 @@ class Ledger(Protocol):
     def due_deliveries(self, now: float) -> list[DueDelivery]:
         """Return pending deliveries whose next attempt is due, oldest first."""
 
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other sender attempts it; return whether taken."""
+
     def delivery_succeeded(self, delivery_id: int, now: float) -> None:
         """Mark a delivery sent."""
 
@@ -127,11 +141,85 @@ class Ledger(Protocol):
         """Return counts of studies, jobs and deliveries by state, and of instances."""
 
     def close(self) -> None:
-        """Release this thread's connection."""
+        """Release this thread's connection (SQLite) or every pooled connection (PostgreSQL)."""
 
 
-def open_ledger(data_dir: Path) -> Ledger:
-    """Open (creating or migrating) the ledger of a node's data directory."""
-    from dicom_node.state.sqlite import SqliteLedger
+def open_ledger(
+    data_dir: Path, state: StateSettings | None = None, *, environ: Mapping[str, str] | None = None,
+    queues: Mapping[str, str] | None = None,
+) -> Ledger:
+    """Open the ledger the configuration names: SQLite in ``data_dir``, or PostgreSQL.
 
-    return SqliteLedger(data_dir / LEDGER_FILE)
+    The SQLite ledger is created or migrated on opening, as it always was on one box; a
+    PostgreSQL ledger must have been created with ``dicom-node db upgrade`` first.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data directory (``node.data_dir``): where the SQLite ledger lives.
+    state
+        The ``[state]`` settings; ``None`` means the single-box default (SQLite).
+    environ
+        Where the database password may come from (default: the process environment).
+    queues
+        PostgreSQL only: the queue of each analysis, to defer every queued job to the job
+        queue in the same transaction (:mod:`dicom_node.state.queue`).
+
+    Raises
+    ------
+    ConfigError
+        If the database cannot be reached, its schema is missing, older or newer than this
+        node's (the message names the command to run), or the PostgreSQL client library
+        is not installed.
+    """
+    if state is None or state.backend == "sqlite":
+        from dicom_node.state.sqlite import SqliteLedger
+
+        return SqliteLedger(data_dir / LEDGER_FILE)
+    _require_psycopg()
+    from dicom_node.state.postgres import PostgresLedger
+
+    assert state.dsn is not None  # validated: the postgresql backend has a dsn
+    password = state.password(os.environ if environ is None else environ)
+    return PostgresLedger(state.dsn, password, connect_timeout_s=state.connect_timeout_s,
+                          queues=queues)
+
+
+def upgrade_ledger(
+    data_dir: Path, state: StateSettings | None = None, *, environ: Mapping[str, str] | None = None,
+) -> tuple[int | None, int]:
+    """Create the configured ledger's schema or migrate it to this version; return (before, after).
+
+    ``before`` is ``None`` when there was no ledger. Safe to run again, and on several
+    hosts at once.
+
+    Raises
+    ------
+    ConfigError
+        If the database cannot be reached or holds a newer schema than this node knows.
+    """
+    if state is None or state.backend == "sqlite":
+        from dicom_node.state.sqlite import SqliteLedger, stored_version
+
+        path = data_dir / LEDGER_FILE
+        before = stored_version(path)
+        SqliteLedger(path).close()
+        return before, SCHEMA_VERSION
+    _require_psycopg()
+    from dicom_node.state.postgres_schema import connect, upgrade_schema
+
+    assert state.dsn is not None
+    password = state.password(os.environ if environ is None else environ)
+    db = connect(state.dsn, password, connect_timeout_s=state.connect_timeout_s)
+    try:
+        return upgrade_schema(db)
+    finally:
+        db.close()
+
+
+def _require_psycopg() -> None:
+    if importlib.util.find_spec("psycopg") is None:  # optional: only the scaled-out mode needs it
+        raise ConfigError(
+            "state.backend: 'postgresql' needs the PostgreSQL client library psycopg, which is"
+            " not installed: pip install 'dicom-node[postgresql]'"
+        )

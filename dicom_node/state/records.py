@@ -86,6 +86,23 @@ class InstanceRecord:
     calling_ae_title: str
     received_at: float
     origin: Origin = Origin.DICOM
+    #: SHA-256 of the stored file (hex): the manifest a worker on another host checks against.
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One instance of a series as recorded at receive time: what a remote worker verifies."""
+
+    sop_instance_uid: str
+    path: str
+    size_bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the entry without its local path (it means nothing on another host)."""
+        return {"sop_instance_uid": self.sop_instance_uid, "size_bytes": self.size_bytes,
+                "sha256": self.sha256}
 
 
 @dataclass(frozen=True)

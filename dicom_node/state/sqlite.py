@@ -11,8 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dicom_node.state.schema import SCHEMA, SCHEMA_VERSION, migrate
-
+from dicom_node.errors import ConfigError
 from dicom_node.state.records import (
     DeliveryRecord,
     DeliveryState,
@@ -21,12 +20,30 @@ from dicom_node.state.records import (
     JobRecord,
     JobState,
     LedgerCounts,
+    ManifestEntry,
     Origin,
     PlannedJob,
     SeriesInfo,
     StudyRecord,
     StudyState,
 )
+from dicom_node.state.rows import STUDY_SELECT, job_record, series_info, study_record
+from dicom_node.state.schema import SCHEMA, SCHEMA_VERSION, migrate
+
+
+def stored_version(path: Path) -> int | None:
+    """Return the schema version recorded in the ledger file at ``path``, or ``None`` if there is none."""
+    if not path.exists():
+        return None
+    db = sqlite3.connect(path)
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            return 1 if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() else None
+        found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if found is None else int(found[0])
+    finally:
+        db.close()
+
 
 class SqliteLedger:
     """The node's durable state in one SQLite database (WAL mode).
@@ -48,6 +65,12 @@ class SqliteLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connection()
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if found is not None and int(found[0]) > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path}: the ledger has schema version {found[0]}, written by a newer dicom-node"
+                f" (this one knows up to {SCHEMA_VERSION}): run the newer version, or restore a backup"
+            )
         if db.execute("SELECT 1 FROM sqlite_master WHERE name IN ('jobs', 'series')").fetchone():
             migrate(db)
         db.executescript(SCHEMA)
@@ -101,11 +124,13 @@ class SqliteLedger:
                 "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
             ).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
+                " sop_class_uid, transfer_syntax_uid, path, size_bytes, calling_ae_title,"
+                " received_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.sop_instance_uid, record.series_uid, record.study_uid,
                     record.sop_class_uid, record.transfer_syntax_uid, record.path,
-                    record.size_bytes, record.calling_ae_title, record.received_at,
+                    record.size_bytes, record.calling_ae_title, record.received_at, record.sha256,
                 ),
             )
             db.execute(
@@ -156,7 +181,7 @@ class SqliteLedger:
             " AS instance_count FROM series s WHERE s.study_uid = ? ORDER BY s.rowid",
             (study_uid,),
         ).fetchall()
-        return [_series_info(row) for row in rows]
+        return [series_info(row) for row in rows]
 
     def instance_paths(self, series_uid: str) -> list[Path]:
         """Return the spool paths of a series' instances."""
@@ -165,6 +190,15 @@ class SqliteLedger:
             (series_uid,),
         ).fetchall()
         return [Path(row["path"]) for row in rows]
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
+        rows = self._connection().execute(
+            "SELECT sop_instance_uid, path, size_bytes, sha256 FROM instances WHERE series_uid = ?"
+            " ORDER BY sop_instance_uid",
+            (series_uid,),
+        ).fetchall()
+        return [ManifestEntry(r["sop_instance_uid"], r["path"], r["size_bytes"], r["sha256"]) for r in rows]
 
     # -- studies ---------------------------------------------------------------------
 
@@ -277,16 +311,16 @@ class SqliteLedger:
     def study_rows(self, limit: int = 100) -> list[StudyRecord]:
         """Return the most recent studies with their instance counts, for status views."""
         rows = self._connection().execute(
-            f"{_STUDY_SELECT} ORDER BY last_received_at DESC LIMIT ?", (limit,)
+            f"{STUDY_SELECT} ORDER BY last_received_at DESC LIMIT ?", (limit,)
         ).fetchall()
-        return [_study_record(row) for row in rows]
+        return [study_record(row) for row in rows]
 
     def study(self, study_uid: str) -> StudyRecord | None:
         """Return one study, or ``None``."""
         row = self._connection().execute(
-            f"{_STUDY_SELECT} WHERE study_uid = ?", (study_uid,)
+            f"{STUDY_SELECT} WHERE study_uid = ?", (study_uid,)
         ).fetchone()
-        return _study_record(row) if row is not None else None
+        return study_record(row) if row is not None else None
 
     def studies_to_purge(self, before: float) -> list[str]:
         """Return studies whose instances may leave the spool: idle since ``before``.
@@ -348,7 +382,7 @@ class SqliteLedger:
                 " WHERE id = ?",
                 (now, row["id"]),
             )
-            return _job_record(row, attempts=row["attempts"] + 1, state=JobState.RUNNING,
+            return job_record(row, attempts=row["attempts"] + 1, state=JobState.RUNNING,
                                started_at=now)
 
     def finish_job(
@@ -463,7 +497,7 @@ class SqliteLedger:
                     (row["id"],),
                 )
             )
-            jobs.append(_job_record(row, deliveries=deliveries))
+            jobs.append(job_record(row, deliveries=deliveries))
         return jobs
 
     def job(self, job_uid: str) -> JobRecord | None:
@@ -486,6 +520,19 @@ class SqliteLedger:
                         tuple(json.loads(row["files"])), row["attempts"])
             for row in rows
         ]
+
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other sender attempts it; return whether taken.
+
+        Moving its next attempt past the lease is the claim: a sender that dies mid-send
+        leaves it due again once the lease is over.
+        """
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id = ? AND state = 'pending'"
+                " AND next_attempt_at <= ?",
+                (now + lease_s, delivery_id, now),
+            ).rowcount > 0
 
     def delivery_succeeded(self, delivery_id: int, now: float) -> None:
         """Mark a delivery sent."""
@@ -531,53 +578,3 @@ class SqliteLedger:
         instances = db.execute("SELECT count(*) FROM instances").fetchone()[0]
         return LedgerCounts(studies=by_state("studies"), jobs=by_state("jobs"),
                             deliveries=by_state("deliveries"), instances=int(instances))
-
-
-def _series_info(row: sqlite3.Row) -> SeriesInfo:
-    orientation = json.loads(row["orientation"]) if row["orientation"] else None
-    spacing = json.loads(row["pixel_spacing"]) if row["pixel_spacing"] else None
-    return SeriesInfo(
-        series_uid=row["series_uid"],
-        study_uid=row["study_uid"],
-        modality=row["modality"],
-        description=row["description"],
-        sop_class_uid=row["sop_class_uid"],
-        manufacturer=row["manufacturer"],
-        rows=row["rows"],
-        columns=row["columns"],
-        orientation=tuple(orientation) if orientation else None,
-        pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
-        slice_thickness=row["slice_thickness"],
-        number_of_frames=row["number_of_frames"],
-        instance_count=row["instance_count"],
-        convolution_kernel=row["convolution_kernel"],
-    )
-
-
-_STUDY_SELECT = (
-    "SELECT st.*, (SELECT count(*) FROM instances i WHERE i.study_uid = st.study_uid)"
-    " AS instance_count FROM studies st"
-)
-
-
-def _study_record(row: sqlite3.Row) -> StudyRecord:
-    return StudyRecord(
-        study_uid=row["study_uid"], state=StudyState(row["state"]), generation=row["generation"],
-        first_received_at=row["first_received_at"], last_received_at=row["last_received_at"],
-        completed_at=row["completed_at"], origin=Origin(row["origin"]), purged_at=row["purged_at"],
-        instance_count=row["instance_count"],
-    )
-
-
-def _job_record(row: sqlite3.Row, **changes: Any) -> JobRecord:
-    fields: dict[str, Any] = {
-        "id": row["id"], "uid": row["uid"], "study_uid": row["study_uid"], "analysis": row["analysis"],
-        "series_uid": row["series_uid"], "generation": row["generation"], "origin": Origin(row["origin"]),
-        "state": JobState(row["state"]), "reason": row["reason"], "attempts": row["attempts"],
-        "created_at": row["created_at"], "started_at": row["started_at"],
-        "finished_at": row["finished_at"], "result_dir": row["result_dir"],
-        "cancel_requested": bool(row["cancel_requested"]), "options": json.loads(row["options"]),
-        "timings": json.loads(row["timings"]), "summary": json.loads(row["summary"]),
-    }
-    fields.update(changes)
-    return JobRecord(**fields)

@@ -138,16 +138,32 @@ function renderStudies(studies) {
     el("td", {}, (s.jobs || []).map((j) => el("span", { class: `badge ${j.status}`, title: j.uid, style: "margin-right:4px" }, `${j.task}: ${j.status.replace("_", " ")}`))))));
 }
 
+function renderFleet(fleet) {
+  const section = document.getElementById("fleet");
+  section.hidden = fleet.mode !== "queue";
+  if (section.hidden) return;
+  const queues = Object.entries(fleet.queues).sort();
+  document.querySelector("#queues tbody").replaceChildren(...(queues.length ? queues.map(([name, d]) => el("tr", {},
+    el("td", {}, name), el("td", {}, d.todo), el("td", {}, d.doing)))
+    : [el("tr", {}, el("td", { colspan: 3, class: "empty" }, "No job waiting or running."))]));
+  document.querySelector("#workers tbody").replaceChildren(...(fleet.workers.length ? fleet.workers.map((w) => el("tr", {},
+    el("td", {}, w.id), el("td", {}, `${Math.round(w.heartbeat_age_s)} s ago`),
+    el("td", {}, w.job_uid ? el("span", { class: "uid" }, w.job_uid) : "idle"), el("td", {}, w.queue || "")))
+    : [el("tr", {}, el("td", { colspan: 4, class: "empty" }, "No worker registered."))]));
+}
+
 async function refresh() {
   const health = document.getElementById("health");
   try {
-    const [h, jobs, studies] = await Promise.all([call("GET", "/healthz"), call("GET", "/jobs?limit=200"), call("GET", "/studies")]);
+    const [h, jobs, studies, fleet] = await Promise.all([call("GET", "/healthz"), call("GET", "/jobs?limit=200"),
+      call("GET", "/studies"), call("GET", "/fleet")]);
     health.textContent = `online · v${h.version} · ${h.workers_busy} busy`;
     health.className = "pill ok";
     renderCards(h, jobs.jobs, studies.studies);
     renderFailures(jobs.jobs);
     renderJobs(jobs.jobs);
     renderStudies(studies.studies);
+    renderFleet(fleet);
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "true";
   } catch (error) {

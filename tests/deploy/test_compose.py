@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_SCALE_OUT = DEPLOY / "docker-compose.scale-out.yml"
 DOCKERFILES = {  # Dockerfile: its build context
     DEPLOY / "Dockerfile": REPO,
     DEPLOY / "ohif" / "Dockerfile": DEPLOY,
@@ -38,7 +39,7 @@ def tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_SCALE_OUT], ids=lambda p: p.name)
 def test_compose_file_is_valid_against_the_compose_specification(path: Path) -> None:
     run = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
                          capture_output=True, text=True, timeout=120)
@@ -185,6 +186,62 @@ def test_systemd_unit_runs_the_node_unprivileged_with_nodelay() -> None:
     if analyze is not None:  # present on Debian; its only complaint here is the absent venv
         run = subprocess.run([analyze, "verify", str(DEPLOY / "systemd" / "dicom-node.service")],
                              capture_output=True, text=True, timeout=60)
+        problems = [line for line in (run.stdout + run.stderr).splitlines()
+                    if line.strip() and "is not executable" not in line]
+        assert not problems, problems
+
+
+def test_scale_out_adds_postgres_and_scalable_workers_sharing_no_volume_with_the_node() -> None:
+    from dicom_node.config import load_config
+
+    compose = load_yaml(COMPOSE_SCALE_OUT)
+    services = compose["services"]
+    assert {"postgres", "db-upgrade", "node", "worker", "worker-gpu"} <= set(services)
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:15.") and postgres["healthcheck"]["test"][1] == "pg_isready"
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/db-password"
+    assert services["db-upgrade"]["command"][:2] == ["db", "upgrade"]
+    worker = services["worker"]
+    assert worker["command"][0] == "worker" and worker["command"][-2:] == ["--device", "cpu"]
+    # `--scale worker=N`: nothing that two replicas would clash on
+    assert "container_name" not in worker and "ports" not in worker
+    assert not any(str(m).startswith("node-data") for m in worker.get("volumes", []))
+    assert worker["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["command"][-1] == "cuda:0"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    for name in ("node", "worker", "worker-gpu"):
+        mounts = [m.split(":")[0] for m in services[name]["volumes"]]
+        assert "./compose/node-scale-out.toml" in mounts, name
+    # the configuration they mount: PostgreSQL at the postgres service, workers fetch from the node
+    config = load_config(DEPLOY / "compose" / "node-scale-out.toml")
+    assert config.state.backend == "postgresql" and config.state.dsn is not None
+    assert "@postgres:5432/" in config.state.dsn
+    assert str(config.state.password_file) == "/run/secrets/db-password"
+    assert config.queue.instances == "http" and config.queue.receiver_url == f"http://node:{config.api.port}"
+    assert str(config.api.port) in [str(p) for p in services["node"]["expose"]]
+    assert str(config.api.token_file) == "/run/secrets/api-token"
+    assert set(compose["secrets"]) == {"db-password", "api-token"}
+    for secret in compose["secrets"].values():  # the secrets folder keeps them out of git
+        path = DEPLOY / secret["file"]
+        run = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO, timeout=30)
+        assert run.returncode == 0, f"{path} is not ignored by git"
+
+
+def test_systemd_worker_unit_runs_one_worker_per_device_unprivileged() -> None:
+    path = DEPLOY / "systemd" / "dicom-node-worker@.service"
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(path.read_text())
+    service = unit["Service"]
+    assert service["User"] == "dicom-node" and service["Restart"] == "on-failure"
+    assert service["ExecStart"].endswith(
+        "dicom-node worker --config /etc/dicom-node/node.toml --data-dir /var/lib/dicom-node-worker/%i --device %i")
+    assert int(service["TimeoutStopSec"]) > 600  # longer than the default queue.stop_grace_s
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is not None:
+        run = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
         problems = [line for line in (run.stdout + run.stderr).splitlines()
                     if line.strip() and "is not executable" not in line]
         assert not problems, problems

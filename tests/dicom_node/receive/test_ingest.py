@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pydicom
@@ -36,6 +37,11 @@ def test_a_series_folder_is_stored_like_received_instances(ingestor: Ingestor) -
     for stored in report.stored:  # stored exactly as they were, byte for byte
         assert Path(stored.path).read_bytes() == by_sop[stored.sop_instance_uid].read_bytes()
     assert getattr(ingestor.ledger.study(study), "origin", None) == "watch"
+    manifest = {m.sop_instance_uid: m for m in ingestor.ledger.manifest(info.series_uid)}
+    for sop, source in by_sop.items():  # the manifest a remote worker verifies against
+        data = source.read_bytes()
+        assert manifest[sop].size_bytes == len(data)
+        assert manifest[sop].sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_truncated_garbage_and_uid_less_files_are_refused(ingestor: Ingestor, tmp_path: Path) -> None:

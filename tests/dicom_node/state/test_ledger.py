@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import InstanceRecord, PlannedJob
 
 from dicom_node.state.sqlite import SqliteLedger
+from tests.dicom_node.state.conftest import OpenLedger
 
 SERIES = {
     "modality": "MR", "description": "HippoCrop", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
@@ -20,17 +22,13 @@ def record(sop: str, at: float, study: str = "1.2", series: str = "1.2.3") -> In
                           f"/spool/{sop}.dcm", 1000, "ORTHANC", at)
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> SqliteLedger:
-    return SqliteLedger(tmp_path / "ledger.sqlite3")
-
-
-def test_wal_mode(ledger: SqliteLedger) -> None:
+def test_wal_mode(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
     mode = ledger._connection().execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
-def test_instances_group_into_a_study(ledger: SqliteLedger) -> None:
+def test_instances_group_into_a_study(ledger: Ledger) -> None:
     assert ledger.record_instance(record("1.2.3.1", 10.0), SERIES)
     assert ledger.record_instance(record("1.2.3.2", 11.0), SERIES)
     assert not ledger.record_instance(record("1.2.3.2", 12.0), SERIES)  # received again
@@ -41,7 +39,7 @@ def test_instances_group_into_a_study(ledger: SqliteLedger) -> None:
     assert study is not None and study.last_received_at == 11.0
 
 
-def test_due_by_quiet_period_or_max_wait(ledger: SqliteLedger) -> None:
+def test_due_by_quiet_period_or_max_wait(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.record_instance(record("1.2.3.2", 108.0), SERIES)
     assert ledger.studies_due(110.0, quiet_period_s=5, max_wait_s=60) == []
@@ -49,7 +47,7 @@ def test_due_by_quiet_period_or_max_wait(ledger: SqliteLedger) -> None:
     assert ledger.studies_due(109.0, quiet_period_s=5, max_wait_s=9) == ["1.2"]
 
 
-def test_job_life_cycle(ledger: SqliteLedger) -> None:
+def test_job_life_cycle(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     (uid,) = ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     assert ledger.complete_study("1.2", 111.0, [PlannedJob("hippocampus", "1.2.3")]) == []
@@ -63,18 +61,18 @@ def test_job_life_cycle(ledger: SqliteLedger) -> None:
     assert delivery.files == ("/r/seg.dcm",) and delivery.job_uid == uid
 
 
-def test_running_jobs_are_requeued_after_a_crash(tmp_path: Path) -> None:
-    first = SqliteLedger(tmp_path / "l.sqlite3")
+def test_running_jobs_are_requeued_after_a_crash(open_again: OpenLedger) -> None:
+    first = open_again()
     first.record_instance(record("1.2.3.1", 100.0), SERIES)
     first.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     assert first.claim_next_job(111.0, ["hippocampus"]) is not None
-    reopened = SqliteLedger(tmp_path / "l.sqlite3")  # as after kill -9
+    reopened = open_again()  # as after kill -9
     assert reopened.requeue_interrupted() == 1
     job = reopened.claim_next_job(120.0, ["hippocampus"])
     assert job is not None and job.attempts == 2
 
 
-def test_late_instance_opens_a_new_generation_and_supersedes(ledger: SqliteLedger) -> None:
+def test_late_instance_opens_a_new_generation_and_supersedes(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     running = ledger.claim_next_job(111.0, ["hippocampus"])
@@ -91,7 +89,7 @@ def test_late_instance_opens_a_new_generation_and_supersedes(ledger: SqliteLedge
     assert job is not None and job.uid == new_uid and job.generation == 2
 
 
-def test_pending_delivery_of_old_generation_is_superseded(ledger: SqliteLedger) -> None:
+def test_pending_delivery_of_old_generation_is_superseded(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     job = ledger.claim_next_job(111.0, ["hippocampus"])
@@ -102,7 +100,7 @@ def test_pending_delivery_of_old_generation_is_superseded(ledger: SqliteLedger) 
     assert ledger.due_deliveries(200.0) == []
 
 
-def test_delivery_retry_and_dead_letter(ledger: SqliteLedger) -> None:
+def test_delivery_retry_and_dead_letter(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     (uid,) = ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
     job = ledger.claim_next_job(111.0, ["hippocampus"])
@@ -124,7 +122,7 @@ def test_delivery_retry_and_dead_letter(ledger: SqliteLedger) -> None:
     assert ledger.counts().deliveries == {"sent": 1}
 
 
-def test_not_applicable_jobs_carry_their_reason(ledger: SqliteLedger) -> None:
+def test_not_applicable_jobs_carry_their_reason(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", None, "not_applicable", "no MR")])
     (job,) = ledger.job_rows()
@@ -132,7 +130,7 @@ def test_not_applicable_jobs_carry_their_reason(ledger: SqliteLedger) -> None:
     assert ledger.claim_next_job(111.0, ["hippocampus"]) is None
 
 
-def test_study_is_not_completed_on_a_stale_plan(ledger: SqliteLedger) -> None:
+def test_study_is_not_completed_on_a_stale_plan(ledger: Ledger) -> None:
     """An instance recorded between planning and completing: the plan may lack its series."""
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     ledger.record_instance(record("1.2.4.1", 101.0, series="1.2.4"), SERIES)
@@ -144,7 +142,7 @@ def test_study_is_not_completed_on_a_stale_plan(ledger: SqliteLedger) -> None:
                                  instances_seen=2)
 
 
-def test_only_idle_studies_are_purged(ledger: SqliteLedger) -> None:
+def test_only_idle_studies_are_purged(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     assert ledger.studies_to_purge(before=1000.0) == []  # still receiving
     ledger.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
@@ -189,3 +187,31 @@ def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
     db.close()
     study = SqliteLedger(path).study("1.2")
     assert study is not None and study.purged_at is None and study.completed_at == 3.0
+
+
+def test_manifest_lists_sizes_and_digests(ledger: Ledger) -> None:
+    from dataclasses import replace
+
+    ledger.record_instance(replace(record("1.2.3.2", 10.0), sha256="b" * 64), SERIES)
+    ledger.record_instance(replace(record("1.2.3.1", 11.0), sha256="a" * 64), SERIES)
+    manifest = ledger.manifest("1.2.3")
+    assert [m.sop_instance_uid for m in manifest] == ["1.2.3.1", "1.2.3.2"]
+    assert manifest[0].to_json() == {"sop_instance_uid": "1.2.3.1", "size_bytes": 1000, "sha256": "a" * 64}
+    assert manifest[0].path == "/spool/1.2.3.1.dcm"
+
+
+def test_a_due_delivery_is_taken_by_one_sender(open_again: OpenLedger) -> None:
+    first, second = open_again(), open_again()  # two receivers on one ledger
+    first.record_instance(record("1.2.3.1", 100.0), SERIES)
+    first.complete_study("1.2", 110.0, [PlannedJob("hippocampus", "1.2.3")])
+    job = first.claim_next_job(111.0, ["hippocampus"])
+    assert job is not None
+    first.finish_job(job.id, 112.0, state="done", deliveries=[("pacs", ["/r/seg.dcm"])])
+    (due,) = second.due_deliveries(112.0)
+    assert first.claim_delivery(due.id, 112.0, lease_s=60)
+    assert not second.claim_delivery(due.id, 112.0, lease_s=60)
+    assert second.due_deliveries(150.0) == []  # taken for the lease
+    (again,) = second.due_deliveries(172.0)  # its sender died: due again after the lease
+    assert second.claim_delivery(again.id, 172.0, lease_s=60)
+    second.delivery_succeeded(again.id, 173.0)
+    assert not first.claim_delivery(again.id, 500.0, lease_s=60)  # sent: nothing to take

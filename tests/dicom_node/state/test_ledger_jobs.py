@@ -10,6 +10,7 @@ import pytest
 
 from dicom_node.state.schema import SCHEMA_VERSION
 
+from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import InstanceRecord, PlannedJob
 
 from dicom_node.state.sqlite import SqliteLedger
@@ -26,12 +27,7 @@ def record(sop: str, at: float, origin: str = "dicom") -> InstanceRecord:
                           f"/spool/{sop}.dcm", 1000, "ORTHANC", at, origin)
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> SqliteLedger:
-    return SqliteLedger(tmp_path / "ledger.sqlite3")
-
-
-def test_api_jobs_may_repeat_and_complete_the_study(ledger: SqliteLedger) -> None:
+def test_api_jobs_may_repeat_and_complete_the_study(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 10.0, "api"), SERIES)
     first = ledger.create_job("1.2", PlannedJob("gaussian-blur", "1.2.3"), 11.0, origin="api",
                               options={"sigma_mm": [1, 1, 1]}, complete=True)
@@ -49,14 +45,14 @@ def test_api_jobs_may_repeat_and_complete_the_study(ledger: SqliteLedger) -> Non
         ledger.create_job("9.9", PlannedJob("gaussian-blur", None), 1.0, origin="api")
 
 
-def test_planned_jobs_stay_unique_and_inherit_the_watch_origin(ledger: SqliteLedger) -> None:
+def test_planned_jobs_stay_unique_and_inherit_the_watch_origin(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 10.0, "watch"), SERIES)
     ledger.complete_study("1.2", 20.0, [PlannedJob("hippocampus", "1.2.3")] * 2)
     (job,) = ledger.job_rows()
     assert job.origin == "watch"
 
 
-def test_cancel_queued_at_once_and_running_when_it_ends(ledger: SqliteLedger) -> None:
+def test_cancel_queued_at_once_and_running_when_it_ends(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 10.0), SERIES)
     running = ledger.create_job("1.2", PlannedJob("a", "1.2.3"), 11.0, origin="api")
     queued = ledger.create_job("1.2", PlannedJob("a", "1.2.3"), 11.0, origin="api")

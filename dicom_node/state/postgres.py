@@ -1,0 +1,672 @@
+"""The ledger in PostgreSQL: the scaled-out backend, shared by every host, every change one transaction.
+
+Same semantics as :class:`dicom_node.state.sqlite.SqliteLedger`; where several processes
+may race (two receivers recording the same study, two workers claiming jobs) the rows
+involved are locked (``SELECT ... FOR UPDATE``, ``SKIP LOCKED`` when claiming) so that a
+study completes once and a job is claimed once. The schema is created and migrated only by
+:func:`upgrade_schema` (``dicom-node db upgrade``); opening a ledger whose schema is missing,
+older or newer refuses with the command to run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool
+
+from dicom_node.errors import ConfigError, LedgerUnavailable
+from dicom_node.state import queue
+from dicom_node.state.records import (
+    DeliveryRecord,
+    DeliveryState,
+    DueDelivery,
+    InstanceRecord,
+    JobRecord,
+    JobState,
+    LedgerCounts,
+    ManifestEntry,
+    Origin,
+    PlannedJob,
+    SeriesInfo,
+    StudyRecord,
+    StudyState,
+)
+from dicom_node.state.rows import STUDY_SELECT, job_record, series_info, study_record
+from dicom_node.state.postgres_schema import Connection, connect, newer_message, safe_dsn, schema_version
+from dicom_node.state.schema import SCHEMA_VERSION, UPGRADE_COMMAND
+
+logger = logging.getLogger(__name__)
+
+class PostgresLedger:
+    """The node's durable state in a PostgreSQL database shared by receivers and workers.
+
+    Connections come from a pool shared by the node's threads and are checked as they are
+    taken, so after the server went away (a restart, a failover) a call gets a fresh one; a
+    call that was in progress when the server went fails with
+    :class:`psycopg.OperationalError`. Every method is one transaction.
+
+    Parameters
+    ----------
+    dsn
+        ``postgresql://USER@HOST:PORT/DB`` (no password).
+    password
+        The password, from ``state.password_file`` or the environment, or ``None``.
+    connect_timeout_s
+        How long to wait for the server when connecting, and for a free connection.
+    pool_size
+        The most connections this process opens.
+    queues
+        The queue of each analysis (:func:`dicom_node.state.queue.job_queues`): every job
+        that becomes queued is then also deferred to procrastinate in the same transaction,
+        and workers take jobs from there (:meth:`start_job`) instead of
+        :meth:`claim_next_job`. ``None``: jobs are claimed from the ledger only.
+
+    Raises
+    ------
+    ConfigError
+        If the server cannot be reached, or the schema is missing, older or newer than
+        this node's (the message names the command to run).
+    """
+
+    def __init__(
+        self, dsn: str, password: str | None = None, *, connect_timeout_s: float = 10.0,
+        pool_size: int = 10, queues: Mapping[str, str] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.queues = None if queues is None else dict(queues)
+        db = connect(dsn, password, connect_timeout_s=connect_timeout_s)
+        try:
+            version = schema_version(db)
+        finally:
+            db.close()
+        if version is None:
+            raise ConfigError(
+                f"state.dsn: {safe_dsn(dsn)} holds no dicom-node ledger yet: run `{UPGRADE_COMMAND}`"
+            )
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"state.dsn: {safe_dsn(dsn)}: {newer_message(version)}")
+        if version < SCHEMA_VERSION:
+            raise ConfigError(
+                f"state.dsn: {safe_dsn(dsn)} has ledger schema version {version}, this node needs"
+                f" {SCHEMA_VERSION}: run `{UPGRADE_COMMAND}`"
+            )
+        # A pool rather than a connection per thread: the SCP runs one thread per
+        # association. Each connection is checked as it is taken, so after a server restart
+        # the stale ones are replaced instead of failing the next call.
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            dsn, kwargs={"password": password, "autocommit": True, "row_factory": dict_row,
+                         "connect_timeout": max(1, round(connect_timeout_s)),
+                         "application_name": "dicom-node"},
+            connection_class=Connection, min_size=1, max_size=pool_size,
+            check=ConnectionPool.check_connection, timeout=connect_timeout_s,
+            reconnect_timeout=24 * 3600.0, name="dicom-node-ledger", open=True,
+        )
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A pooled connection; losing the server turns into :class:`LedgerUnavailable`."""
+        try:
+            with self._pool.connection() as db:
+                yield db
+        except psycopg.OperationalError as exc:  # includes the pool's timeout
+            raise LedgerUnavailable(f"the ledger database cannot be reached: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """Run a block as one transaction (READ COMMITTED; rows locked where it matters)."""
+        with self._connection() as db:
+            with db.transaction():
+                yield db
+
+    def _fetch(self, query: str, params: Any = None) -> list[DictRow]:
+        with self._connection() as db:
+            return db.execute(query, params).fetchall()
+
+    def _fetch_one(self, query: str, params: Any = None) -> DictRow | None:
+        rows = self._fetch(query, params)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        """Close every connection of this ledger's pool."""
+        self._pool.close()
+
+    # -- instances -------------------------------------------------------------------
+
+    def record_instance(self, record: InstanceRecord, series: dict[str, Any]) -> bool:
+        """Record a stored instance and update its study; return whether it was new.
+
+        A new instance of a complete study opens a new generation of that study. An
+        instance received again (same SOP Instance UID) changes nothing but its file.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
+                " transfer_syntax_uid, path, size_bytes, calling_ae_title, received_at, sha256)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop_instance_uid)"
+                " DO UPDATE SET series_uid = EXCLUDED.series_uid, study_uid = EXCLUDED.study_uid,"
+                " sop_class_uid = EXCLUDED.sop_class_uid,"
+                " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid, path = EXCLUDED.path,"
+                " size_bytes = EXCLUDED.size_bytes, calling_ae_title = EXCLUDED.calling_ae_title,"
+                " received_at = EXCLUDED.received_at, sha256 = EXCLUDED.sha256"
+                " RETURNING (xmax = 0) AS inserted",  # xmax is 0 only for a fresh insert
+                (
+                    record.sop_instance_uid, record.series_uid, record.study_uid,
+                    record.sop_class_uid, record.transfer_syntax_uid, record.path,
+                    record.size_bytes, record.calling_ae_title, record.received_at, record.sha256,
+                ),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, description,"
+                " sop_class_uid, manufacturer, \"rows\", \"columns\", orientation, pixel_spacing,"
+                " slice_thickness, number_of_frames, convolution_kernel) VALUES (%(series_uid)s,"
+                " %(study_uid)s, %(modality)s, %(description)s, %(sop_class_uid)s,"
+                " %(manufacturer)s, %(rows)s, %(columns)s, %(orientation)s, %(pixel_spacing)s,"
+                " %(slice_thickness)s, %(number_of_frames)s, %(convolution_kernel)s)"
+                " ON CONFLICT (series_uid) DO NOTHING",
+                {"series_uid": record.series_uid, "study_uid": record.study_uid,
+                 "convolution_kernel": "", **series},
+            )
+            if row is None or not row["inserted"]:
+                return False
+            now = record.received_at
+            created = db.execute(
+                "INSERT INTO studies (study_uid, state, generation, first_received_at,"
+                " last_received_at, origin) VALUES (%s, 'receiving', 1, %s, %s, %s)"
+                " ON CONFLICT (study_uid) DO NOTHING RETURNING study_uid",
+                (record.study_uid, now, now, record.origin),
+            ).fetchone()
+            if created is not None:
+                return True
+            study = db.execute(
+                "SELECT state FROM studies WHERE study_uid = %s FOR UPDATE", (record.study_uid,)
+            ).fetchone()
+            if study is not None and study["state"] == StudyState.COMPLETE:
+                db.execute(
+                    "UPDATE studies SET state = 'receiving', generation = generation + 1,"
+                    " first_received_at = %s, last_received_at = %s, completed_at = NULL,"
+                    " purged_at = NULL WHERE study_uid = %s",
+                    (now, now, record.study_uid),
+                )
+            else:
+                db.execute(
+                    "UPDATE studies SET last_received_at = greatest(last_received_at, %s)"
+                    " WHERE study_uid = %s",
+                    (now, record.study_uid),
+                )
+            return True
+
+    def recorded_paths(self) -> set[str]:
+        """Return the spool paths of every recorded instance."""
+        rows = self._fetch("SELECT path FROM instances")
+        return {row["path"] for row in rows}
+
+    def series_of_study(self, study_uid: str) -> list[SeriesInfo]:
+        """Return the series of a study with their instance counts, in order of arrival."""
+        rows = self._fetch(
+            "SELECT s.*, (SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid)"
+            " AS instance_count FROM series s WHERE s.study_uid = %s ORDER BY s.seq",
+            (study_uid,),
+        )
+        return [series_info(row) for row in rows]
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        """Return the spool paths of a series' instances."""
+        rows = self._fetch(
+            "SELECT path FROM instances WHERE series_uid = %s ORDER BY sop_instance_uid",
+            (series_uid,),
+        )
+        return [Path(row["path"]) for row in rows]
+
+    def manifest(self, series_uid: str) -> list[ManifestEntry]:
+        """Return a series' instances with their sizes and SHA-256, ordered by SOP Instance UID."""
+        rows = self._fetch(
+            "SELECT sop_instance_uid, path, size_bytes, sha256 FROM instances WHERE series_uid = %s"
+            " ORDER BY sop_instance_uid",
+            (series_uid,),
+        )
+        return [ManifestEntry(r["sop_instance_uid"], r["path"], r["size_bytes"], r["sha256"]) for r in rows]
+
+    # -- studies ---------------------------------------------------------------------
+
+    def studies_due(self, now: float, quiet_period_s: float, max_wait_s: float) -> list[str]:
+        """Return studies still receiving whose quiet period or maximum wait has passed."""
+        rows = self._fetch(
+            "SELECT study_uid FROM studies WHERE state = 'receiving'"
+            " AND (last_received_at <= %s OR first_received_at <= %s) ORDER BY first_received_at",
+            (now - quiet_period_s, now - max_wait_s),
+        )
+        return [row["study_uid"] for row in rows]
+
+    def complete_study(
+        self, study_uid: str, now: float, planned: Sequence[PlannedJob], *,
+        instances_seen: int | None = None,
+    ) -> list[str]:
+        """Mark a study complete and create its jobs in one transaction.
+
+        The study's row is locked, so two receivers completing the same study create its
+        jobs once. Jobs and undelivered results of earlier generations are superseded.
+        When the study holds more instances than ``instances_seen`` nothing changes.
+        Returns the new jobs' uids.
+        """
+        created = []
+        with self.transaction() as db:
+            study = db.execute(
+                "SELECT generation, state, origin FROM studies WHERE study_uid = %s FOR UPDATE",
+                (study_uid,),
+            ).fetchone()
+            if study is None or study["state"] != StudyState.RECEIVING:
+                return []
+            if instances_seen is not None:
+                count = db.execute(
+                    "SELECT count(*) AS n FROM instances WHERE study_uid = %s", (study_uid,)
+                ).fetchone()
+                if count is None or count["n"] != instances_seen:
+                    return []
+            generation = study["generation"]
+            db.execute(
+                "UPDATE studies SET state = 'complete', completed_at = %s WHERE study_uid = %s",
+                (now, study_uid),
+            )
+            db.execute(
+                "UPDATE jobs SET state = 'superseded', finished_at = %s,"
+                " reason = 'new instances arrived; a newer analysis replaces this one'"
+                " WHERE study_uid = %s AND generation < %s AND state = 'queued'",
+                (now, study_uid, generation),
+            )
+            db.execute(
+                "UPDATE deliveries SET state = 'superseded' WHERE state = 'pending' AND job_id IN"
+                " (SELECT id FROM jobs WHERE study_uid = %s AND generation < %s)",
+                (study_uid, generation),
+            )
+            origin = Origin.WATCH if study["origin"] == Origin.WATCH else Origin.DICOM
+            for job in planned:
+                uid = str(uuid.uuid4())
+                inserted = db.execute(
+                    "INSERT INTO jobs (uid, study_uid, analysis, series_uid, generation,"
+                    " state, reason, created_at, finished_at, origin)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (
+                        uid, study_uid, job.analysis, job.series_uid, generation, job.state,
+                        job.reason, now, None if job.state == JobState.QUEUED else now, origin,
+                    ),
+                )
+                if inserted.rowcount:
+                    created.append(uid)
+                    if job.state == JobState.QUEUED:
+                        self._defer(db, uid, job.analysis)
+        return created
+
+    def create_job(
+        self, study_uid: str, job: PlannedJob, now: float, *, origin: Origin,
+        options: dict[str, Any] | None = None, complete: bool = False,
+    ) -> str:
+        """Create one requested job on the study's current generation; return its uid.
+
+        Raises
+        ------
+        KeyError
+            If the study is not in the ledger.
+        """
+        uid = str(uuid.uuid4())
+        with self.transaction() as db:
+            study = db.execute(
+                "SELECT generation, state FROM studies WHERE study_uid = %s FOR UPDATE",
+                (study_uid,),
+            ).fetchone()
+            if study is None:
+                raise KeyError(study_uid)
+            if complete and study["state"] == StudyState.RECEIVING:
+                db.execute(
+                    "UPDATE studies SET state = 'complete', completed_at = %s WHERE study_uid = %s",
+                    (now, study_uid),
+                )
+            db.execute(
+                "INSERT INTO jobs (uid, study_uid, analysis, series_uid, generation, state, reason,"
+                " created_at, finished_at, origin, options)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    uid, study_uid, job.analysis, job.series_uid, study["generation"], job.state,
+                    job.reason, now, None if job.state == JobState.QUEUED else now, origin,
+                    json.dumps(options or {}, sort_keys=True),
+                ),
+            )
+            if job.state == JobState.QUEUED:
+                self._defer(db, uid, job.analysis)
+        return uid
+
+    def study_rows(self, limit: int = 100) -> list[StudyRecord]:
+        """Return the most recent studies with their instance counts, for status views."""
+        rows = self._fetch(
+            f"{STUDY_SELECT} ORDER BY last_received_at DESC LIMIT %s", (limit,)
+        )
+        return [study_record(row) for row in rows]
+
+    def study(self, study_uid: str) -> StudyRecord | None:
+        """Return one study, or ``None``."""
+        row = self._fetch_one(
+            f"{STUDY_SELECT} WHERE study_uid = %s", (study_uid,)
+        )
+        return study_record(row) if row is not None else None
+
+    def studies_to_purge(self, before: float) -> list[str]:
+        """Return studies whose instances may leave the spool: idle since ``before``."""
+        rows = self._fetch(
+            "SELECT study_uid FROM studies s WHERE state = 'complete'"
+            " AND last_received_at <= %(before)s AND coalesce(completed_at, 0) <= %(before)s"
+            " AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid"
+            "   AND (j.state IN ('queued', 'running') OR coalesce(j.finished_at, 0) > %(before)s))"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.id"
+            "   WHERE j.study_uid = s.study_uid AND d.state = 'pending')"
+            " ORDER BY last_received_at",
+            {"before": before},
+        )
+        return [row["study_uid"] for row in rows]
+
+    def forget_instances(self, study_uid: str, now: float) -> int:
+        """Drop a purged study's instances and series; keep the study, jobs and deliveries."""
+        with self.transaction() as db:
+            dropped = db.execute("DELETE FROM instances WHERE study_uid = %s", (study_uid,)).rowcount
+            db.execute("DELETE FROM series WHERE study_uid = %s", (study_uid,))
+            db.execute("UPDATE studies SET purged_at = %s WHERE study_uid = %s", (now, study_uid))
+            return int(dropped)
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def requeue_interrupted(self) -> int:
+        """Put jobs that were running when the node stopped back in the queue.
+
+        With a job queue nothing is done here: other hosts' workers may be running those
+        jobs; the jobs of workers that stopped are found by :meth:`recover_stalled`.
+        """
+        if self.queues is not None:
+            return 0
+        with self.transaction() as db:
+            return int(db.execute(
+                "UPDATE jobs SET state = 'queued', started_at = NULL WHERE state = 'running'"
+            ).rowcount)
+
+    def claim_next_job(self, now: float, analyses: Sequence[str]) -> JobRecord | None:
+        """Move the oldest queued job of one of ``analyses`` to running and return it.
+
+        ``FOR UPDATE SKIP LOCKED``: concurrent claimers each get a different job.
+        """
+        if not analyses:
+            return None
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND analysis = ANY(%s)"
+                " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                (list(analyses),),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', started_at = %s, attempts = attempts + 1"
+                " WHERE id = %s",
+                (now, row["id"]),
+            )
+            return job_record(row, attempts=row["attempts"] + 1, state=JobState.RUNNING,
+                              started_at=now)
+
+    def finish_job(
+        self, job_id: int, now: float, *, state: JobState, reason: str | None = None,
+        timings: dict[str, float] | None = None, result_dir: str | None = None,
+        summary: dict[str, Any] | None = None, deliveries: Sequence[tuple[str, Sequence[str]]] = (),
+    ) -> JobState:
+        """Record a job's outcome and queue its deliveries in one transaction.
+
+        A job whose study has meanwhile moved on to a newer generation ends as
+        ``superseded`` and queues nothing. Returns the state recorded.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT j.generation, j.cancel_requested, st.generation AS current FROM jobs j"
+                " JOIN studies st ON st.study_uid = j.study_uid WHERE j.id = %s FOR UPDATE OF j",
+                (job_id,),
+            ).fetchone()
+            if row is not None and row["cancel_requested"]:
+                state, deliveries = JobState.CANCELLED, ()
+                reason = "cancelled while it ran; its results were discarded"
+            elif row is not None and row["generation"] < row["current"] and state == JobState.DONE:
+                state = JobState.SUPERSEDED
+                reason = "new instances arrived while it ran; a newer analysis replaces it"
+                deliveries = ()
+            db.execute(
+                "UPDATE jobs SET state = %s, reason = %s, finished_at = %s, timings = %s,"
+                " result_dir = coalesce(%s, result_dir), summary = %s WHERE id = %s",
+                (
+                    state, reason, now, json.dumps(timings or {}), result_dir,
+                    json.dumps(summary or {}), job_id,
+                ),
+            )
+            for destination, files in deliveries:
+                db.execute(
+                    "INSERT INTO deliveries (job_id, destination, files, state, attempts,"
+                    " next_attempt_at) VALUES (%s, %s, %s, 'pending', 0, %s)"
+                    " ON CONFLICT (job_id, destination) DO UPDATE SET files = EXCLUDED.files,"
+                    " state = 'pending', attempts = 0, next_attempt_at = EXCLUDED.next_attempt_at,"
+                    " last_error = NULL",
+                    (job_id, destination, json.dumps(list(files)), now),
+                )
+        return state
+
+    def add_timing(self, job_uid: str, stage: str, seconds: float) -> None:
+        """Add one stage's duration to a job's timings (e.g. ``send``, measured after the job)."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT timings FROM jobs WHERE uid = %s FOR UPDATE", (job_uid,)
+            ).fetchone()
+            if row is not None:
+                timings = json.loads(row["timings"])
+                timings[stage] = round(timings.get(stage, 0.0) + seconds, 4)
+                db.execute("UPDATE jobs SET timings = %s WHERE uid = %s",
+                           (json.dumps(timings), job_uid))
+
+    def retry_job(self, job_uid: str) -> bool:
+        """Queue a failed, cancelled or finished job again; return whether it was found."""
+        with self.transaction() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'queued', reason = NULL, started_at = NULL,"
+                " finished_at = NULL, attempts = 0, cancel_requested = 0 WHERE uid = %s AND state IN"
+                " ('failed', 'cancelled', 'done', 'not_applicable') RETURNING analysis",
+                (job_uid,),
+            ).fetchone()
+            if row is not None:
+                self._defer(db, job_uid, row["analysis"])
+            return row is not None
+
+    def cancel_job(self, job_uid: str, now: float) -> JobState | None:
+        """Cancel a job: a queued one at once, a running one when it ends (results discarded)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = %s, reason = 'cancelled'"
+                " WHERE uid = %s AND state = 'queued'",
+                (now, job_uid),
+            )
+            db.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE uid = %s AND state = 'running'",
+                (job_uid,),
+            )
+            if self.queues is not None:
+                db.execute(
+                    "UPDATE procrastinate_jobs SET status = 'cancelled' WHERE queueing_lock = %s"
+                    " AND status = 'todo' AND task_name = %s",
+                    (job_uid, queue.TASK_NAME),
+                )
+            row = db.execute("SELECT state FROM jobs WHERE uid = %s", (job_uid,)).fetchone()
+        return None if row is None else JobState(row["state"])
+
+    def job_rows(
+        self, *, state: str | None = None, limit: int = 100, analysis: str | None = None,
+        study_uid: str | None = None, origin: str | None = None,
+    ) -> list[JobRecord]:
+        """Return recent jobs, newest first, with deliveries; optionally filtered by column."""
+        filters = {"state": state, "analysis": analysis, "study_uid": study_uid, "origin": origin}
+        chosen = {k: v for k, v in filters.items() if v is not None}
+        where = " AND ".join(f"{k} = %s" for k in chosen) or "TRUE"
+        return self._jobs_where(where, tuple(chosen.values()), limit=limit)
+
+    def _jobs_where(self, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
+        with self._connection() as db:
+            return self._jobs_in(db, where, params, limit=limit)
+
+    def _jobs_in(self, db: Connection, where: str, params: tuple[Any, ...], *, limit: int) -> list[JobRecord]:
+        rows = db.execute(
+            f"SELECT * FROM jobs WHERE {where} ORDER BY id DESC LIMIT %s", (*params, limit)
+        ).fetchall()
+        jobs = []
+        for row in rows:
+            deliveries = tuple(
+                DeliveryRecord(d["destination"], DeliveryState(d["state"]), d["attempts"],
+                               d["last_error"], d["sent_at"], d["next_attempt_at"])
+                for d in db.execute(
+                    "SELECT destination, state, attempts, last_error, sent_at, next_attempt_at"
+                    " FROM deliveries WHERE job_id = %s ORDER BY id",
+                    (row["id"],),
+                ).fetchall()
+            )
+            jobs.append(job_record(row, deliveries=deliveries))
+        return jobs
+
+    def job(self, job_uid: str) -> JobRecord | None:
+        """Return one job by uid, or ``None``."""
+        jobs = self._jobs_where("uid = %s", (job_uid,), limit=1)
+        return jobs[0] if jobs else None
+
+    # -- the job queue (scaled-out mode) ----------------------------------------------
+
+    def _defer(self, db: Connection, job_uid: str, analysis: str) -> None:
+        if self.queues is not None:
+            queue.defer(db, job_uid, queue.queue_of(self.queues, analysis))
+
+    def start_job(self, job_uid: str, now: float) -> JobRecord | None:
+        """Move a job a worker took from the queue to running; ``None`` when it must not run.
+
+        A job still queued, or running because its earlier worker stopped (the queue gave it
+        to this worker after :meth:`recover_stalled`), starts; a cancelled, superseded or
+        finished one does not.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE uid = %s AND state IN ('queued', 'running') FOR UPDATE",
+                (job_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', started_at = %s, attempts = attempts + 1"
+                " WHERE id = %s",
+                (now, row["id"]),
+            )
+            return job_record(row, attempts=row["attempts"] + 1, state=JobState.RUNNING,
+                              started_at=now)
+
+    def recover_stalled(self, stalled_after_s: float) -> list[str]:
+        """Queue again the jobs of workers silent for ``stalled_after_s``; return their uids.
+
+        The queue entries and the ledger rows change in one transaction; rows locked by
+        another process doing the same are skipped, so each job is recovered once.
+        """
+        with self.transaction() as db:
+            uids = queue.requeue_stalled(db, stalled_after_s)
+            if uids:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', started_at = NULL"
+                    " WHERE uid = ANY(%s) AND state = 'running'",
+                    (uids,),
+                )
+        return uids
+
+    def queue_depths(self) -> dict[str, dict[str, int]]:
+        """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
+        with self._connection() as db:
+            return queue.queue_depths(db)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Return the registered queue workers: id, seconds since heartbeat, current job and queue."""
+        with self._connection() as db:
+            return queue.workers(db)
+
+    # -- deliveries ------------------------------------------------------------------
+
+    def due_deliveries(self, now: float) -> list[DueDelivery]:
+        """Return pending deliveries whose next attempt is due, oldest first."""
+        rows = self._fetch(
+            "SELECT d.*, j.uid AS job_uid, j.study_uid FROM deliveries d"
+            " JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending'"
+            " AND d.next_attempt_at <= %s ORDER BY d.next_attempt_at",
+            (now,),
+        )
+        return [
+            DueDelivery(row["id"], row["job_uid"], row["study_uid"], row["destination"],
+                        tuple(json.loads(row["files"])), row["attempts"])
+            for row in rows
+        ]
+
+    def claim_delivery(self, delivery_id: int, now: float, lease_s: float) -> bool:
+        """Take a due delivery for ``lease_s`` so no other receiver sends it too; return whether taken.
+
+        One conditional UPDATE: of two receivers that both saw it due, one takes it. A
+        sender that dies mid-send leaves it due again once the lease is over.
+        """
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at = %s WHERE id = %s AND state = 'pending'"
+                " AND next_attempt_at <= %s",
+                (now + lease_s, delivery_id, now),
+            ).rowcount > 0
+
+    def delivery_succeeded(self, delivery_id: int, now: float) -> None:
+        """Mark a delivery sent."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'sent', sent_at = %s, attempts = attempts + 1,"
+                " last_error = NULL WHERE id = %s",
+                (now, delivery_id),
+            )
+
+    def delivery_failed(
+        self, delivery_id: int, now: float, error: str, *, retry_at: float | None
+    ) -> None:
+        """Record a failed attempt: retry at ``retry_at``, or dead-letter when ``None``."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = %(error)s,"
+                " state = CASE WHEN %(retry)s::double precision IS NULL THEN 'dead' ELSE 'pending' END,"
+                " next_attempt_at = coalesce(%(retry)s::double precision, next_attempt_at)"
+                " WHERE id = %(id)s",
+                {"error": error, "retry": retry_at, "id": delivery_id},
+            )
+
+    def redeliver(self, now: float, job_uid: str | None = None) -> int:
+        """Move dead-lettered deliveries (of one job, or all) back to pending; return how many."""
+        query = (
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s"
+            " WHERE state = 'dead'"
+        )
+        params: tuple[Any, ...] = (now,)
+        if job_uid is not None:
+            query += " AND job_id = (SELECT id FROM jobs WHERE uid = %s)"
+            params = (now, job_uid)
+        with self.transaction() as db:
+            return int(db.execute(query, params).rowcount)
+
+    def counts(self) -> LedgerCounts:
+        """Return counts of jobs, deliveries and studies by state, and of instances."""
+        def by_state(table: str) -> dict[str, int]:
+            rows = self._fetch(f"SELECT state, count(*) AS n FROM {table} GROUP BY state")
+            return {row["state"]: int(row["n"]) for row in rows}
+
+        row = self._fetch_one("SELECT count(*) AS n FROM instances")
+        return LedgerCounts(studies=by_state("studies"), jobs=by_state("jobs"),
+                            deliveries=by_state("deliveries"),
+                            instances=int(row["n"]) if row is not None else 0)
