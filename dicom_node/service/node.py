@@ -13,6 +13,7 @@ from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
 from dicom_node.receive.recovery import recover_spool
 from dicom_node.receive.scp import ReceiveCounters, StorageSCP
+from dicom_node.receive.source import OrthancSource
 from dicom_node.receive.spool import Spool
 from dicom_node.receive.watch import WatchFolder
 from dicom_node.run.dispatcher import WorkerPool, resolve_devices
@@ -61,9 +62,12 @@ class Node:
         self.receive_counters = {Origin.DICOM: self.scp.counters, Origin.WATCH: ReceiveCounters(),
                                  Origin.API: ReceiveCounters()}
         self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters)
+        self.sources = {name: OrthancSource(name, s) for name, s in config.sources.items()}
         tracker = StudyTracker(
             self.ledger, config.grouping, {name: a.rule for name, a in analyses.items()},
             config.selection.default_min_slices, clock=clock,
+            sources={s.ae_title: name for name, s in config.sources.items()},
+            inventory=lambda source, study_uid: self.sources[source].routed_series(study_uid),
         )
         self.scheduler = Scheduler(
             self.ledger, tracker, config.runnable(), config.destinations_for, data_dir / "results",
@@ -155,6 +159,8 @@ class Node:
         self.delivery.stop(timeout_s=drain_s)
         if self.api is not None:
             self.api.stop()
+        for source in self.sources.values():
+            source.close()
         logger.info("node stopped")
 
     # -- scheduling ------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -16,7 +16,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     origin TEXT NOT NULL DEFAULT 'dicom',
-    purged_at REAL
+    purged_at REAL,
+    expected_instances INTEGER
 );
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
@@ -91,7 +92,7 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_a
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
-    Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    Version 5 adds studies.expected_instances. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
     constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
     """
@@ -103,6 +104,8 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE studies ADD COLUMN origin TEXT NOT NULL DEFAULT 'dicom'")
     if studies and "purged_at" not in studies:  # version 4
         db.execute("ALTER TABLE studies ADD COLUMN purged_at REAL")
+    if studies and "expected_instances" not in studies:  # version 5
+        db.execute("ALTER TABLE studies ADD COLUMN expected_instances INTEGER")
     columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     if not columns or "options" in columns:
         return

@@ -181,11 +181,30 @@ def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
 
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    version_3 = SCHEMA.replace(",\n    purged_at REAL", "")
-    assert version_3 != SCHEMA
+    version_4 = SCHEMA.replace(",\n    expected_instances INTEGER", "")
+    version_3 = version_4.replace(",\n    purged_at REAL", "")
+    assert version_3 != version_4 != SCHEMA
     db.executescript(version_3)
     db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom')")
     db.commit()
     db.close()
     study = SqliteLedger(path).study("1.2")
     assert study is not None and study.purged_at is None and study.completed_at == 3.0
+
+
+def test_schema_4_ledger_gains_expected_instances(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.state.schema import SCHEMA
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace(",\n    expected_instances INTEGER", ""))
+    db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom', NULL)")
+    db.commit()
+    db.close()
+    ledger = SqliteLedger(path)
+    columns = {row[1] for row in ledger._connection().execute("PRAGMA table_info(studies)")}
+    assert "expected_instances" in columns
+    study = ledger.study("1.2")
+    assert study is not None and study.completed_at == 3.0 and study.generation == 1
