@@ -130,6 +130,10 @@ class SourceSettings(_Frozen):
     received from it are complete as soon as the series an analysis needs have every instance
     Orthanc holds (asked through its REST API at ``url``). ``username`` with ``password_file``
     (one line) or ``password_env`` (the name of an environment variable) authenticate.
+
+    In ``pull`` mode the node follows Orthanc's change log every ``poll_interval_s``; the first
+    time, from ``pull_from``: ``"now"`` (studies stored from then on) or ``"beginning"``
+    (everything Orthanc's change log holds). Afterwards it resumes where it stopped.
     """
 
     ae_title: AETitle
@@ -139,6 +143,8 @@ class SourceSettings(_Frozen):
     password_env: str | None = None
     mode: Literal["push", "pull"] = "push"
     timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    poll_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    pull_from: Literal["now", "beginning"] = "now"
 
     @field_validator("url")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -104,7 +105,16 @@ class OrthancSource:
         SourceUnavailable
             If Orthanc does not answer or does not hold the study.
         """
-        orthanc_id = self.study_id(study_uid)
+        return [series.info for series in self.study_series(self.study_id(study_uid), study_uid)]
+
+    def study_series(self, orthanc_id: str, study_uid: str) -> list[OrthancSeries]:
+        """Return the routed series of the study Orthanc knows as ``orthanc_id``, with their instances.
+
+        Raises
+        ------
+        SourceUnavailable
+            If Orthanc does not answer or no longer holds the study.
+        """
         series_list = self._call("GET /studies/ID/series", self.client.get_studies_id_series, orthanc_id)
         described = []
         for series in series_list if isinstance(series_list, list) else []:
@@ -115,8 +125,68 @@ class OrthancSource:
                               self.client.get_instances_id_simplified_tags, instances[0])
             info = series_info(study_uid, series.get("MainDicomTags") or {}, tags, len(instances))
             if route_skip_reason(info) is None:
-                described.append(info)
+                described.append(OrthancSeries(str(series["ID"]), tuple(instances), info))
         return described
+
+    def study_uid(self, orthanc_id: str) -> str:
+        """Return the StudyInstanceUID of the study Orthanc knows as ``orthanc_id``.
+
+        Raises
+        ------
+        SourceUnavailable
+            If Orthanc does not answer or no longer holds the study.
+        """
+        study = self._call("GET /studies/ID", self.client.get_studies_id, orthanc_id)
+        uid = (study.get("MainDicomTags") or {}).get("StudyInstanceUID") if isinstance(study, dict) else None
+        if not uid:
+            raise SourceUnavailable(self.name, f"study {orthanc_id} has no StudyInstanceUID")
+        return str(uid)
+
+    def changes(self, since: int, limit: int = 100) -> tuple[list[dict[str, Any]], int, bool]:
+        """Return Orthanc's changes after ``since``: the changes, the last index, whether that is all.
+
+        Raises
+        ------
+        SourceUnavailable
+            If Orthanc does not answer.
+        """
+        answer = self._call("GET /changes", self.client.get_changes, params={"since": since, "limit": limit})
+        if not isinstance(answer, dict):
+            raise SourceUnavailable(self.name, "GET /changes did not answer an object")
+        return list(answer.get("Changes") or []), int(answer.get("Last", since)), bool(answer.get("Done", True))
+
+    def last_change(self) -> int:
+        """Return the index of Orthanc's latest change.
+
+        Raises
+        ------
+        SourceUnavailable
+            If Orthanc does not answer.
+        """
+        answer = self._call("GET /changes?last", self.client.get_changes, params={"last": ""})
+        return int(answer.get("Last", 0)) if isinstance(answer, dict) else 0
+
+    def instance_file(self, instance_id: str) -> bytes:
+        """Return the DICOM file of one instance, exactly as Orthanc stored it.
+
+        Raises
+        ------
+        SourceUnavailable
+            If Orthanc does not answer or no longer holds the instance.
+        """
+        data = self._call("GET /instances/ID/file", self.client.get_instances_id_file, instance_id)
+        if not isinstance(data, bytes):
+            raise SourceUnavailable(self.name, f"GET /instances/{instance_id}/file did not answer a file")
+        return data
+
+
+@dataclass(frozen=True)
+class OrthancSeries:
+    """One routed series of a study in Orthanc: its Orthanc identifiers and how it looks."""
+
+    orthanc_id: str
+    instance_ids: tuple[str, ...]
+    info: SeriesInfo
 
 
 def route_skip_reason(info: SeriesInfo) -> str | None:

@@ -11,6 +11,7 @@ from typing import Any
 from dicom_node.config import NodeConfig
 from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
+from dicom_node.receive.pull import SourcePuller
 from dicom_node.receive.recovery import recover_spool
 from dicom_node.receive.scp import ReceiveCounters, StorageSCP
 from dicom_node.receive.source import OrthancSource
@@ -81,6 +82,12 @@ class Node:
             self.ledger, self.runnable, config.selection.default_min_slices, self.ingestor(Origin.API),
             clock=clock, wake=self.wake,
         )
+        rules = {name: a.rule for name, a in analyses.items()}
+        self.pullers = [
+            SourcePuller(self.sources[name], self.ingestor(Origin.DICOM), self.ledger, rules,
+                         config.selection.default_min_slices, clock=clock)
+            for name, settings in config.sources.items() if settings.mode == "pull"
+        ]
         self.api: ApiServer | None = None
         self.watcher: WatchFolder | None = None
         self.pool: WorkerPool | None = None
@@ -116,6 +123,9 @@ class Node:
             self.watcher = WatchFolder(self.config.watch, self.ingestor(Origin.WATCH),
                                        rejected_default=self.config.node.data_dir / "watch-rejected")
             self.watcher.start()
+        for puller in self.pullers:
+            puller.start()
+            logger.info("pulling from source %s (%s)", puller.name, puller.source.settings.url)
         return self.address
 
     def ingestor(self, origin: Origin) -> Ingestor:
@@ -145,6 +155,8 @@ class Node:
         Jobs still running are re-queued by the next start (the ledger says 'running').
         """
         self._stopping.set()
+        for puller in self.pullers:
+            puller.stop()
         if self.watcher is not None:
             self.watcher.stop()
         self.scp.stop()

@@ -130,6 +130,14 @@ class Ledger(Protocol):
     def redeliver(self, now: float, job_uid: str | None = None) -> int:
         """Move dead-lettered deliveries (of one job, or all) back to pending; return how many."""
 
+    # -- sources ---------------------------------------------------------------------
+
+    def source_cursor(self, source: str) -> int | None:
+        """Return the index of the last change of ``source`` handled, or ``None`` before the first."""
+
+    def set_source_cursor(self, source: str, last_change: int, now: float) -> None:
+        """Record that every change of ``source`` up to ``last_change`` was handled."""
+
     def counts(self) -> LedgerCounts:
         """Return counts of studies, jobs and deliveries by state, and of instances."""
 

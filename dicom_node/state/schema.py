@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,13 +86,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS source_cursors (
+    source TEXT PRIMARY KEY,
+    last_change INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
-    Version 5 adds studies.expected_instances. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    Version 6 adds the table source_cursors (created by SCHEMA on any ledger). Version 5 adds
+    studies.expected_instances. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
     constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
     """

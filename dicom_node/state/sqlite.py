@@ -548,6 +548,25 @@ class SqliteLedger:
         with self.transaction() as db:
             return db.execute(query, params).rowcount
 
+    # -- sources ---------------------------------------------------------------------
+
+    def source_cursor(self, source: str) -> int | None:
+        """Return the index of the last change of ``source`` handled, or ``None`` before the first."""
+        row = self._connection().execute(
+            "SELECT last_change FROM source_cursors WHERE source = ?", (source,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_source_cursor(self, source: str, last_change: int, now: float) -> None:
+        """Record that every change of ``source`` up to ``last_change`` was handled."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO source_cursors (source, last_change, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET last_change = excluded.last_change,"
+                " updated_at = excluded.updated_at",
+                (source, last_change, now),
+            )
+
     def counts(self) -> LedgerCounts:
         """Return counts of jobs, deliveries and studies by state, and of instances."""
         db = self._connection()

@@ -208,3 +208,26 @@ def test_schema_4_ledger_gains_expected_instances(tmp_path: Path) -> None:
     assert "expected_instances" in columns
     study = ledger.study("1.2")
     assert study is not None and study.completed_at == 3.0 and study.generation == 1
+
+
+def test_source_cursor_on_fresh_and_existing_ledgers(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.state.schema import SCHEMA
+
+    fresh = SqliteLedger(tmp_path / "fresh.sqlite3")
+    assert fresh.source_cursor("pacs") is None
+    fresh.set_source_cursor("pacs", 12, 1.0)
+    fresh.set_source_cursor("pacs", 15, 2.0)
+    assert fresh.source_cursor("pacs") == 15 and fresh.source_cursor("other") is None
+    assert SqliteLedger(tmp_path / "fresh.sqlite3").source_cursor("pacs") == 15  # durable
+
+    path = tmp_path / "old.sqlite3"  # a version 5 ledger, without the table
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA[: SCHEMA.index("CREATE TABLE IF NOT EXISTS source_cursors")])
+    db.commit()
+    db.close()
+    old = SqliteLedger(path)
+    assert old.source_cursor("pacs") is None
+    old.set_source_cursor("pacs", 3, 1.0)
+    assert old.source_cursor("pacs") == 3
