@@ -317,6 +317,13 @@ class NodeConfig(_Frozen):
         sections = [("analyses", self.analyses), ("tasks", self.tasks)]
         for section, name, analysis in [(s, n, a) for s, m in sections for n, a in m.items()]:
             for dest in analysis.destinations or ():
+                if dest.startswith("source:"):
+                    if dest.removeprefix("source:") not in self.sources:
+                        raise ValueError(
+                            f"{section}.{name}.destinations names {dest!r}, but [sources] has no"
+                            f" {dest.removeprefix('source:')!r} ({', '.join(sorted(self.sources)) or 'none defined'})"
+                        )
+                    continue
                 if dest not in self.destinations:
                     raise ValueError(
                         f"{section}.{name}.destinations names {dest!r}, which is not in "

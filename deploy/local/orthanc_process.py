@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -350,6 +351,12 @@ class OrthancProcess:
         else:
             data = json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        users = self.config.get("RegisteredUsers") or {}
+        if self.config.get("AuthenticationEnabled") and users:
+            # the first registered user: the configuration this process was started with
+            user, password = next(iter(users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         if data is not None:
             request.add_header("Content-Type", content_type)
         try:

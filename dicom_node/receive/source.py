@@ -87,7 +87,10 @@ class OrthancSource:
         SourceUnavailable
             If Orthanc does not answer or does not hold the study.
         """
-        found = self._call("POST /tools/lookup", self.client.post_tools_lookup, data=study_uid)
+        # pyorthanc's post_tools_lookup passes the UID as form ``data``, which httpx deprecates
+        # for raw bytes; the generic POST sends it as the raw body Orthanc expects
+        found = self._call("POST /tools/lookup", self.client._post,
+                           route=f"{self.client.url}/tools/lookup", content=study_uid.encode())
         for item in found if isinstance(found, list) else []:
             if isinstance(item, dict) and item.get("Type") == "Study":
                 return str(item["ID"])

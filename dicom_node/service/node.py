@@ -77,6 +77,7 @@ class Node:
         self.delivery = DeliveryLoop(
             self.ledger, config.destinations, config.delivery, config.node.ae_title,
             job_line=self.scheduler.line, clock=clock, on_sent=self.metrics.observe_send,
+            sources=self.sources,
         )
         self.jobs = JobService(
             self.ledger, self.runnable, config.selection.default_min_slices, self.ingestor(Origin.API),

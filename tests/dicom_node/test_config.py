@@ -140,3 +140,14 @@ def test_a_source_password_comes_from_a_file_or_the_environment(
     assert config.sources["e"].password("e") == "from-env"
     with pytest.raises(ConfigError, match="sources.m.password_file: cannot read"):
         config.sources["m"].password("m")
+
+
+def test_an_analysis_may_send_its_results_to_a_source_by_rest() -> None:
+    sources = {"pacs": {"ae_title": "ORTHANC", "url": "http://pacs:8042"}}
+    config = build_config({"sources": sources,
+                           "analyses": {"hippocampus": {"plugin": "hippocampus", "destinations": ["source:pacs"]}}})
+    assert config.destinations_for("hippocampus") == ("source:pacs",)
+    with pytest.raises(ConfigError, match="analyses.hippocampus.destinations names 'source:archive',"
+                                          " but \\[sources\\] has no 'archive' \\(pacs\\)"):
+        build_config({"sources": sources,
+                      "analyses": {"hippocampus": {"plugin": "hippocampus", "destinations": ["source:archive"]}}})
