@@ -175,3 +175,43 @@ def test_pull_catches_up_fetches_only_wanted_series_and_never_twice(
     finally:
         node.stop(timeout_s=30)
         print(f"----- {node.log_file} -----\n{node.log_text()[-8000:]}")
+
+
+def test_push_and_pull_together_analyse_a_study_once(
+    make_orthanc: Callable[..., OrthancProcess], tmp_path: Path
+) -> None:
+    node_port = free_port()
+    # the shipped routing script pushes to the node, and the node pulls from the same Orthanc
+    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=node_port)
+    node = NodeProcess(
+        tmp_path / "node", port=node_port,
+        destinations={"pacs": (orthanc.aet, "127.0.0.1", orthanc.dicom_port)},
+        config={"sources": {"pacs": {"ae_title": orthanc.aet, "url": orthanc.base_url, "mode": "pull",
+                                     "poll_interval_s": 0.2}}},
+    )
+    try:
+        node.start()
+        wait_until(lambda: node.ledger().source_cursor("pacs") is not None, 20, "the node's first poll")
+        run_storescu([STUDY1], orthanc.dicom_port, called_aet=orthanc.aet)
+        study_uid = str(pydicom.dcmread(next(CROP_SERIES.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        ledger = node.ledger()
+        total = sum(1 for _ in STUDY1.rglob("*.dcm"))
+        # the push delivers every routed series; the pull adds nothing new
+        wait_until(lambda: sum(s.instance_count for s in ledger.series_of_study(study_uid)) == total, 60,
+                   "every routed instance in the node")
+        wait_until(lambda: [j for j in ledger.job_rows(study_uid=study_uid)
+                            if j.deliveries and all(d.state == "sent" for d in j.deliveries)], 120,
+                   "results sent")
+        # let the results' own StableStudy change and the pulls that follow pass
+        cursor = ledger.source_cursor("pacs")
+        wait_until(lambda: ledger.source_cursor("pacs") != cursor, 30, "later changes handled")
+        time.sleep(2.0)
+        jobs = [j for j in ledger.job_rows(study_uid=study_uid) if j.analysis == "hippocampus"]
+        assert len(jobs) == 1, jobs
+        study = ledger.study(study_uid)
+        assert study is not None and study.generation == 1
+        (study_id,) = [m["ID"] for m in orthanc.lookup(study_uid) if m["Type"] == "Study"]
+        modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.series(study_id)]
+        assert modalities.count("SEG") == 1 and modalities.count("SR") == 1
+    finally:
+        node.stop(timeout_s=30)
