@@ -143,7 +143,7 @@ class SourceSettings(_Frozen):
     password_env: str | None = None
     mode: Literal["push", "pull"] = "push"
     timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    poll_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    poll_interval_s: Annotated[float, Field(gt=0)] = 0.5
     pull_from: Literal["now", "beginning"] = "now"
 
     @field_validator("url")
