@@ -215,3 +215,47 @@ def test_push_and_pull_together_analyse_a_study_once(
         assert modalities.count("SEG") == 1 and modalities.count("SR") == 1
     finally:
         node.stop(timeout_s=30)
+
+
+def test_first_pull_starts_now_or_at_the_beginning_and_wanted_series_only(
+    make_orthanc: Callable[..., OrthancProcess], tmp_path: Path
+) -> None:
+    from dicom_node.config import NodeSettings, SourceSettings
+    from dicom_node.receive.ingest import Ingestor
+    from dicom_node.receive.pull import SourcePuller
+    from dicom_node.receive.source import OrthancSource
+    from dicom_node.receive.spool import Spool
+    from dicom_node.state.sqlite import SqliteLedger
+    from inference.hippocampus.analysis import HippocampusAnalysis
+
+    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=free_port(),
+                           overrides={"LuaScripts": []})
+    crop_study, t1_study = generate_uid(), generate_uid()
+    run_storescu([copy_series(CROP_SERIES, tmp_path / "crop", crop_study)], orthanc.dicom_port, called_aet=orthanc.aet)
+    run_storescu([copy_series(T1POST_SERIES, tmp_path / "t1", t1_study)], orthanc.dicom_port, called_aet=orthanc.aet)
+    wait_until(lambda: sum(1 for c in orthanc.get_json("/changes?limit=1000")["Changes"]
+                           if c["ChangeType"] == "StableStudy") >= 2, 30, "2 stable studies")
+    last = int(orthanc.get_json("/changes?last")["Last"])
+    rules = {"hippocampus": HippocampusAnalysis().rule}
+
+    def puller(name: str, pull_from: str) -> tuple[SourcePuller, SqliteLedger]:
+        ledger = SqliteLedger(tmp_path / name / "ledger.sqlite3")
+        ingestor = Ingestor(NodeSettings(min_free_disk_bytes=0), Spool(tmp_path / name / "spool"), ledger)
+        settings = SourceSettings(ae_title=orthanc.aet, url=orthanc.base_url, mode="pull", pull_from=pull_from)  # type: ignore[arg-type]
+        return SourcePuller(OrthancSource("pacs", settings), ingestor, ledger, rules, 20), ledger
+
+    from_now, now_ledger = puller("now", "now")
+    from_start, ledger = puller("beginning", "beginning")
+    try:
+        assert from_now.poll() == 0 and now_ledger.source_cursor("pacs") == last
+        assert now_ledger.study(crop_study) is None  # what was stored before is not pulled
+
+        assert from_start.poll() == 2  # both stable studies, in order
+        assert ledger.source_cursor("pacs") == last
+        (series,) = ledger.series_of_study(crop_study)
+        assert series.instance_count == sum(1 for _ in CROP_SERIES.glob("*.dcm"))
+        assert ledger.study(t1_study) is None  # no analysis wants it: nothing fetched
+        assert from_start.poll() == 0  # nothing new
+    finally:
+        from_now.source.close()
+        from_start.source.close()
