@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -121,6 +122,77 @@ class Destination(_Frozen):
     host: str
     port: Port
     calling_ae_title: AETitle | None = None
+
+
+class SourceSettings(_Frozen):
+    """An Orthanc that sends studies to the node (``push``) or that the node follows (``pull``).
+
+    ``ae_title`` is the calling AE title Orthanc uses when it C-STOREs to the node; studies
+    received from it are complete as soon as the series an analysis needs have every instance
+    Orthanc holds (asked through its REST API at ``url``). ``username`` with ``password_file``
+    (one line) or ``password_env`` (the name of an environment variable) authenticate.
+
+    In ``pull`` mode the node follows Orthanc's change log every ``poll_interval_s``; the first
+    time, from ``pull_from``: ``"now"`` (studies stored from then on) or ``"beginning"``
+    (everything Orthanc's change log holds). Afterwards it resumes where it stopped.
+    """
+
+    ae_title: AETitle
+    url: str
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    mode: Literal["push", "pull"] = "push"
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    poll_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    pull_from: Literal["now", "beginning"] = "now"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"url {value!r} is not an http:// or https:// address, e.g. http://pacs:8042")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> SourceSettings:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        if self.username is None and (self.password_file is not None or self.password_env is not None):
+            raise ValueError("a password needs a username")
+        if self.username is not None and self.password_file is None and self.password_env is None:
+            raise ValueError("username needs password_file or password_env")
+        return self
+
+    def password(self, name: str) -> str | None:
+        """Return the password (read from ``password_file`` or the environment now), or ``None``.
+
+        Parameters
+        ----------
+        name
+            The source's name under ``[sources]``, used in error messages.
+
+        Raises
+        ------
+        ConfigError
+            If the file cannot be read or is empty, or the environment variable is unset.
+        """
+        if self.password_file is not None:
+            key = f"sources.{name}.password_file"
+            try:
+                secret = self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {self.password_file}: {exc.strerror}") from None
+            if not secret:
+                raise ConfigError(f"{key}: {self.password_file} is empty")
+            return secret
+        if self.password_env is not None:
+            secret = os.environ.get(self.password_env, "")
+            if not secret:
+                raise ConfigError(f"sources.{name}.password_env: the environment variable"
+                                  f" {self.password_env} is not set")
+            return secret
+        return None
 
 
 class SeriesNumbers(_Frozen):
@@ -333,6 +405,7 @@ class NodeConfig(_Frozen):
     workers: WorkerSettings = WorkerSettings()
     delivery: DeliverySettings = DeliverySettings()
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    sources: dict[str, SourceSettings] = Field(default_factory=dict)
     analyses: dict[str, AnalysisSettings] = Field(default_factory=_default_analyses)
     tasks: dict[str, AnalysisSettings] = Field(default_factory=_default_tasks)
     api: ApiSettings = ApiSettings()
@@ -341,10 +414,34 @@ class NodeConfig(_Frozen):
     queue: QueueSettings = QueueSettings()
 
     @model_validator(mode="after")
+    def _sources_distinct(self) -> NodeConfig:
+        seen: dict[str, str] = {}
+        for name, source in self.sources.items():
+            if source.ae_title in seen:
+                raise ValueError(f"sources.{name}.ae_title {source.ae_title!r} is also the AE title"
+                                 f" of sources.{seen[source.ae_title]}: each source needs its own")
+            seen[source.ae_title] = name
+        return self
+
+    def source_for_caller(self, calling_ae_title: str) -> str | None:
+        """Return the name of the source whose AE title is ``calling_ae_title``, or ``None``."""
+        for name, source in self.sources.items():
+            if source.ae_title == calling_ae_title.strip():
+                return name
+        return None
+
+    @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:
         sections = [("analyses", self.analyses), ("tasks", self.tasks)]
         for section, name, analysis in [(s, n, a) for s, m in sections for n, a in m.items()]:
             for dest in analysis.destinations or ():
+                if dest.startswith("source:"):
+                    if dest.removeprefix("source:") not in self.sources:
+                        raise ValueError(
+                            f"{section}.{name}.destinations names {dest!r}, but [sources] has no"
+                            f" {dest.removeprefix('source:')!r} ({', '.join(sorted(self.sources)) or 'none defined'})"
+                        )
+                    continue
                 if dest not in self.destinations:
                     raise ValueError(
                         f"{section}.{name}.destinations names {dest!r}, which is not in "

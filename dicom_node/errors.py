@@ -59,3 +59,12 @@ class InvalidJobRequest(DicomNodeError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class SourceUnavailable(DicomNodeError):
+    """A configured source (Orthanc) did not answer, or not usefully: fall back and say why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source}: {reason}")
+        self.source = source
+        self.reason = reason

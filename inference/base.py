@@ -193,6 +193,62 @@ class Analysis(Protocol):
     def run(self, volume: Volume) -> AnalysisResult: ...
 
 
+@dataclass(frozen=True)
+class WarmUpInput:
+    """A synthetic series like those an analysis sees, run once by each worker while loading.
+
+    The first call of a model pays for lazy initialisation (kernel selection and compilation
+    for the input's shape, allocator growth, imports); a worker runs every analysis once on
+    this input, and builds its reports, before it says it is ready.
+
+    Parameters
+    ----------
+    modality
+        Modality of the synthetic images, e.g. ``"MR"``.
+    shape
+        ``(slices, rows, columns)``; close to real inputs, since compiled kernels depend on it.
+    spacing_mm
+        Slice, row and column spacing in millimetres.
+    description
+        SeriesDescription of the synthetic series.
+    """
+
+    modality: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    description: str = "warm-up"
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be three positive sizes, not {self.shape}")
+        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+            raise ValueError(f"spacing_mm must be three positive values, not {self.spacing_mm}")
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """An analysis that chooses its own warm-up input (``None``: do not warm it up)."""
+
+    def warm_up_input(self) -> WarmUpInput | None: ...
+
+
+def warm_up_input(analysis: Analysis) -> WarmUpInput | None:
+    """Return the synthetic input a worker runs ``analysis`` on while loading.
+
+    An analysis may choose it (:class:`WarmsUp`); by default it is a series its rule
+    accepts: the first modality, the rule's minimum slice count (at least 20) and a
+    matrix of 64, or the rule's maximum matrix when smaller, at 1 mm.
+    """
+    if isinstance(analysis, WarmsUp):
+        return analysis.warm_up_input()
+    rule = analysis.rule
+    slices = max(rule.min_slices or 20, 20)
+    if rule.max_slices is not None:
+        slices = min(slices, rule.max_slices)
+    matrix = min(64, rule.max_matrix or 64)
+    return WarmUpInput(rule.modalities[0], (slices, matrix, matrix))
+
+
 @runtime_checkable
 class ConfigurableAnalysis(Analysis, Protocol):
     """An analysis that takes per-job options (``POST /jobs`` ``options``), e.g. a blur's sigma.

@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
+
+import httpx
+import pyorthanc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "orthanc" / "orthanc.json"
@@ -27,6 +28,14 @@ NODE_MODALITY = "dicom-node"
 DCMTK_ENV = {"TCP_NODELAY": "1"}
 
 _T = TypeVar("_T")
+
+
+class OrthancHttpError(OSError):
+    """Orthanc's REST API answered an error status (``code``), or could not be reached (``code`` None)."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -205,6 +214,7 @@ class OrthancProcess:
         )
         self.aet: str = self.config["DicomAet"]
         self.process: subprocess.Popen[bytes] | None = None
+        self._client: pyorthanc.Orthanc | None = None
 
     def _rewrite_config(
         self,
@@ -282,6 +292,9 @@ class OrthancProcess:
         """
         if self.process is not None:
             stop_process(self.process, timeout_s)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def __enter__(self) -> OrthancProcess:
         self.start()
@@ -336,12 +349,16 @@ class OrthancProcess:
         content_type: str = "application/json",
         timeout_s: float = 30.0,
     ) -> bytes:
-        """Send one HTTP request to the REST API and return the response body.
+        """Send one HTTP request to the REST API (through pyorthanc's client) and return the body.
+
+        The client carries the credentials of the first ``RegisteredUsers`` entry when the
+        configuration enables authentication.
 
         Raises
         ------
-        urllib.error.HTTPError
-            Orthanc answered with an error status (the message includes its body).
+        OrthancHttpError
+            Orthanc answered with an error status (the message includes its body), or could
+            not be reached (an ``OSError``, as a refused connection is).
         """
         if body is None or isinstance(body, bytes):
             data = body
@@ -349,17 +366,26 @@ class OrthancProcess:
             data = body.encode()
         else:
             data = json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
+        headers = {"Content-Type": content_type} if data is not None else {}
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return bytes(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            raise urllib.error.HTTPError(
-                error.url, error.code, f"{method} {path}: {error.reason}: {detail}", error.headers, None
-            ) from None
+            response = self.client.request(method, self.base_url + path, content=data, headers=headers,
+                                           timeout=timeout_s)
+        except httpx.TransportError as error:
+            raise OrthancHttpError(None, f"{method} {path}: {error}") from None
+        if response.status_code >= 400:
+            raise OrthancHttpError(response.status_code,
+                                   f"{method} {path}: HTTP {response.status_code}: {response.text}")
+        return bytes(response.content)
+
+    @property
+    def client(self) -> pyorthanc.Orthanc:
+        """A pyorthanc client of this Orthanc (with its first registered user when authentication is on)."""
+        if self._client is None:
+            users = self.config.get("RegisteredUsers") or {}
+            user, password = next(iter(users.items())) if self.config.get("AuthenticationEnabled") and users \
+                else (None, None)
+            self._client = pyorthanc.Orthanc(self.base_url, username=user, password=password)
+        return self._client
 
     def get_json(self, path: str, timeout_s: float = 30.0) -> Any:
         """``GET path`` and decode the JSON answer."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
 from dicom_node.cli.ledger_commands import cmd_db_upgrade, cmd_retry, cmd_status
-from dicom_node.config import NodeSettings, dump_toml, parse_destination
+from dicom_node.config import NodeConfig, NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
@@ -113,7 +113,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     create_analyses(config.analyses)
     print(dump_toml(config.model_dump(mode="json")), end="")
+    # a source that does not answer is reported, not refused: the node falls back to the
+    # quiet period for it, and a PACS restarting must not keep the node from starting
+    check_sources(config)
     return 0
+
+
+def check_sources(config: NodeConfig) -> bool:
+    """Say on stderr, for each configured source, whether its URL answers; return whether all do."""
+    from dicom_node.errors import SourceUnavailable
+    from dicom_node.receive.source import OrthancSource
+
+    answering = True
+    for name, settings in config.sources.items():
+        source = OrthancSource(name, settings)
+        try:
+            system = source.system()
+        except SourceUnavailable as exc:
+            print(f"# sources.{name}.url: {settings.url} does not answer: {exc.reason}", file=sys.stderr)
+            answering = False
+            continue
+        finally:
+            source.close()
+        print(f"# sources.{name}.url: {settings.url} answers: {system.get('Name', 'Orthanc')}"
+              f" (AE title {system.get('DicomAet', '?')}, Orthanc {system.get('Version', '?')})",
+              file=sys.stderr)
+    return answering
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

@@ -9,8 +9,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dicom_node.config import DeliverySettings, Destination
+from dicom_node.deliver.rest import SOURCE_PREFIX, store_files
 from dicom_node.deliver.sender import send_files
 from dicom_node.errors import DeliveryFailed, LedgerUnavailable
+from dicom_node.receive.source import OrthancSource
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import DueDelivery
 
@@ -45,6 +47,9 @@ class DeliveryLoop:
         Wall-clock time source (injected in tests).
     on_sent
         Told the duration of every successful delivery (metrics).
+    sources
+        The Orthanc sources by name: a destination ``source:NAME`` is stored into that
+        Orthanc through its REST API, with the same retries and dead-letter.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class DeliveryLoop:
         job_line: Callable[[str, str], str],
         clock: Callable[[], float],
         on_sent: Callable[[float], None],
+        sources: Mapping[str, OrthancSource] | None = None,
     ) -> None:
         self.ledger = ledger
         self.destinations = dict(destinations)
@@ -65,6 +71,7 @@ class DeliveryLoop:
         self.job_line = job_line
         self.clock = clock
         self.on_sent = on_sent
+        self.sources = dict(sources or {})
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -115,6 +122,14 @@ class DeliveryLoop:
         return 4 * self.settings.timeout_s + 30.0
 
     def _send(self, delivery: DueDelivery) -> None:
+        if delivery.destination.startswith(SOURCE_PREFIX):
+            source = self.sources.get(delivery.destination.removeprefix(SOURCE_PREFIX))
+            if source is None:
+                raise DeliveryFailed(
+                    f"destination {delivery.destination!r} names no configured source", retryable=False,
+                )
+            store_files(delivery.files, source)
+            return
         destination = self.destinations.get(delivery.destination)
         if destination is None:
             raise DeliveryFailed(

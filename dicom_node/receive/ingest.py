@@ -220,13 +220,27 @@ def read_part10(path: Path) -> tuple[Dataset, bytes]:
     """
     try:
         data = path.read_bytes()
+    except OSError as exc:
+        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+    return parse_part10(data), data
+
+
+def parse_part10(data: bytes) -> Dataset:
+    """Parse a DICOM Part 10 file held in memory (pixel data as bytes, not decoded).
+
+    Raises
+    ------
+    RejectedInstance
+        ``CANNOT_UNDERSTAND`` if it is not a complete Part 10 file.
+    """
+    try:
         ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
     if not ds.file_meta.get("TransferSyntaxUID"):
         raise RejectedInstance(status.CANNOT_UNDERSTAND, "no TransferSyntaxUID in the file meta")
     check_complete(ds, data)
-    return ds, data
+    return ds
 
 
 @dataclass
@@ -281,13 +295,27 @@ class Ingestor:
             With the status a C-STORE would have answered and the reason.
         """
         try:
-            ds, data = read_part10(path)
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+        return self.ingest_bytes(data, origin=origin, calling_ae_title=f"({origin})")
+
+    def ingest_bytes(self, data: bytes, *, origin: Origin, calling_ae_title: str) -> InstanceRecord:
+        """Store one DICOM Part 10 file given as bytes, as sent by ``calling_ae_title``; return its record.
+
+        Raises
+        ------
+        RejectedInstance
+            With the status a C-STORE would have answered and the reason.
+        """
+        try:
+            ds = parse_part10(data)
             ids = identify(ds)
             record = persist(
                 ids, (data,), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
                 spool=self.spool, ledger=self.ledger,
                 min_free_disk_bytes=self.settings.min_free_disk_bytes,
-                calling_ae_title=f"({origin})", received_at=self.clock(), origin=origin,
+                calling_ae_title=calling_ae_title, received_at=self.clock(), origin=origin,
             )
         except RejectedInstance as exc:
             if self.counters is not None:

@@ -74,10 +74,11 @@ def _worker_main(
     torch_threads: int,
     conn: Connection,
 ) -> None:
-    """Worker process: load every analysis once on ``device``, then run jobs until told to stop."""
+    """Worker process: load and warm up every analysis once on ``device``, then run jobs until told to stop."""
     import logging as worker_logging
 
     from dicom_node.run.plugins import create_analyses
+    from dicom_node.run.warmup import warm_up
 
     worker_logging.basicConfig(
         level=worker_logging.INFO, format=f"%(asctime)s worker[{device}] %(levelname)s %(name)s: %(message)s"
@@ -89,6 +90,10 @@ def _worker_main(
     loaded = create_analyses(analyses)
     for analysis in loaded.values():
         analysis.load(device)
+    # ready only once every model ran and its reports were built: the first real job is
+    # then as fast as later ones (lazy initialisation, kernels compiled for the shape, imports)
+    for name, analysis in loaded.items():
+        warm_up(analysis, name, analyses[name])
     conn.send((_READY, None))
     while True:
         try:

@@ -13,8 +13,10 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import LedgerUnavailable
 from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
+from dicom_node.receive.pull import SourcePuller
 from dicom_node.receive.recovery import recover_spool
 from dicom_node.receive.scp import ReceiveCounters, StorageSCP
+from dicom_node.receive.source import OrthancSource
 from dicom_node.receive.spool import Spool
 from dicom_node.receive.watch import WatchFolder
 from dicom_node.run.dispatcher import WorkerPool, resolve_devices
@@ -67,9 +69,12 @@ class Node:
         self.receive_counters = {Origin.DICOM: self.scp.counters, Origin.WATCH: ReceiveCounters(),
                                  Origin.API: ReceiveCounters()}
         self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters)
+        self.sources = {name: OrthancSource(name, s) for name, s in config.sources.items()}
         tracker = StudyTracker(
             self.ledger, config.grouping, {name: a.rule for name, a in analyses.items()},
             config.selection.default_min_slices, clock=clock,
+            sources={s.ae_title: name for name, s in config.sources.items()},
+            inventory=lambda source, study_uid: self.sources[source].routed_series(study_uid),
         )
         self.scheduler = Scheduler(
             self.ledger, tracker, config.runnable(), config.destinations_for, data_dir / "results",
@@ -78,11 +83,18 @@ class Node:
         self.delivery = DeliveryLoop(
             self.ledger, config.destinations, config.delivery, config.node.ae_title,
             job_line=self.scheduler.line, clock=clock, on_sent=self.metrics.observe_send,
+            sources=self.sources,
         )
         self.jobs = JobService(
             self.ledger, self.runnable, config.selection.default_min_slices, self.ingestor(Origin.API),
             clock=clock, wake=self.wake,
         )
+        rules = {name: a.rule for name, a in analyses.items()}
+        self.pullers = [
+            SourcePuller(self.sources[name], self.ingestor(Origin.DICOM), self.ledger, rules,
+                         config.selection.default_min_slices, clock=clock)
+            for name, settings in config.sources.items() if settings.mode == "pull"
+        ]
         self.api: ApiServer | None = None
         self.watcher: WatchFolder | None = None
         self.pool: WorkerPool | None = None
@@ -124,6 +136,9 @@ class Node:
             self.watcher = WatchFolder(self.config.watch, self.ingestor(Origin.WATCH),
                                        rejected_default=self.config.node.data_dir / "watch-rejected")
             self.watcher.start()
+        for puller in self.pullers:
+            puller.start()
+            logger.info("pulling from source %s (%s)", puller.name, puller.source.settings.url)
         return self.address
 
     def ingestor(self, origin: Origin) -> Ingestor:
@@ -157,6 +172,8 @@ class Node:
         Jobs still running are re-queued by the next start (the ledger says 'running').
         """
         self._stopping.set()
+        for puller in self.pullers:
+            puller.stop()
         if self.watcher is not None:
             self.watcher.stop()
         self.scp.stop()
@@ -173,6 +190,8 @@ class Node:
         if self.api is not None:
             self.api.stop()
         self.ledger.close()
+        for source in self.sources.values():
+            source.close()
         logger.info("node stopped")
 
     # -- scheduling ------------------------------------------------------------------

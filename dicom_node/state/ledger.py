@@ -63,11 +63,18 @@ class Ledger(Protocol):
     def studies_due(self, now: float, quiet_period_s: float, max_wait_s: float) -> list[str]:
         """Return studies still receiving whose quiet period or maximum wait has passed."""
 
+    def receiving_studies(self) -> dict[str, frozenset[str]]:
+        """Return the studies still receiving, each with the calling AE titles that sent it."""
+
     def complete_study(
         self, study_uid: str, now: float, planned: Sequence[PlannedJob], *,
-        instances_seen: int | None = None,
+        instances_seen: int | None = None, expected_instances: int | None = None,
     ) -> list[str]:
-        """Mark a study complete and create its jobs; return the new jobs' uids."""
+        """Mark a study complete and create its jobs; return the new jobs' uids.
+
+        ``expected_instances``: how many instances the study's source announced; until the
+        study holds more, arriving instances do not open a new generation.
+        """
 
     def create_job(
         self, study_uid: str, job: PlannedJob, now: float, *, origin: Origin,
@@ -136,6 +143,14 @@ class Ledger(Protocol):
 
     def redeliver(self, now: float, job_uid: str | None = None) -> int:
         """Move dead-lettered deliveries (of one job, or all) back to pending; return how many."""
+
+    # -- sources ---------------------------------------------------------------------
+
+    def source_cursor(self, source: str) -> int | None:
+        """Return the index of the last change of ``source`` handled, or ``None`` before the first."""
+
+    def set_source_cursor(self, source: str, last_change: int, now: float) -> None:
+        """Record that every change of ``source`` up to ``last_change`` was handled."""
 
     def counts(self) -> LedgerCounts:
         """Return counts of studies, jobs and deliveries by state, and of instances."""

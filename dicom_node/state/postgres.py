@@ -186,13 +186,21 @@ class PostgresLedger:
             if created is not None:
                 return True
             study = db.execute(
-                "SELECT state FROM studies WHERE study_uid = %s FOR UPDATE", (record.study_uid,)
+                "SELECT state, expected_instances, (SELECT count(*) FROM instances i"
+                " WHERE i.study_uid = st.study_uid) AS held FROM studies st WHERE study_uid = %s"
+                " FOR UPDATE", (record.study_uid,)
             ).fetchone()
-            if study is not None and study["state"] == StudyState.COMPLETE:
+            announced = (study is not None and study["expected_instances"] is not None
+                         and study["held"] <= study["expected_instances"])
+            if study is not None and study["state"] == StudyState.COMPLETE and announced:
+                # part of what the source announced when the study was completed from its
+                # inventory (a series no analysis needed, still arriving): not a new generation
+                pass
+            elif study is not None and study["state"] == StudyState.COMPLETE:
                 db.execute(
                     "UPDATE studies SET state = 'receiving', generation = generation + 1,"
                     " first_received_at = %s, last_received_at = %s, completed_at = NULL,"
-                    " purged_at = NULL WHERE study_uid = %s",
+                    " purged_at = NULL, expected_instances = NULL WHERE study_uid = %s",
                     (now, now, record.study_uid),
                 )
             else:
@@ -245,16 +253,28 @@ class PostgresLedger:
         )
         return [row["study_uid"] for row in rows]
 
+    def receiving_studies(self) -> dict[str, frozenset[str]]:
+        """Return the studies still receiving, each with the calling AE titles that sent it."""
+        callers: dict[str, set[str]] = {}
+        for row in self._fetch(
+            "SELECT DISTINCT st.study_uid, i.calling_ae_title FROM studies st JOIN instances i"
+            " ON i.study_uid = st.study_uid WHERE st.state = 'receiving'"
+        ):
+            callers.setdefault(row["study_uid"], set()).add(row["calling_ae_title"])
+        return {study: frozenset(titles) for study, titles in callers.items()}
+
     def complete_study(
         self, study_uid: str, now: float, planned: Sequence[PlannedJob], *,
-        instances_seen: int | None = None,
+        instances_seen: int | None = None, expected_instances: int | None = None,
     ) -> list[str]:
         """Mark a study complete and create its jobs in one transaction.
 
         The study's row is locked, so two receivers completing the same study create its
         jobs once. Jobs and undelivered results of earlier generations are superseded.
         When the study holds more instances than ``instances_seen`` nothing changes.
-        Returns the new jobs' uids.
+        ``expected_instances`` is how many instances the study's source announced: until the
+        study holds more, arriving instances belong to this generation. Returns the new
+        jobs' uids.
         """
         created = []
         with self.transaction() as db:
@@ -272,8 +292,9 @@ class PostgresLedger:
                     return []
             generation = study["generation"]
             db.execute(
-                "UPDATE studies SET state = 'complete', completed_at = %s WHERE study_uid = %s",
-                (now, study_uid),
+                "UPDATE studies SET state = 'complete', completed_at = %s, expected_instances = %s"
+                " WHERE study_uid = %s",
+                (now, expected_instances, study_uid),
             )
             db.execute(
                 "UPDATE jobs SET state = 'superseded', finished_at = %s,"
@@ -659,6 +680,23 @@ class PostgresLedger:
             params = (now, job_uid)
         with self.transaction() as db:
             return int(db.execute(query, params).rowcount)
+
+    # -- sources ---------------------------------------------------------------------
+
+    def source_cursor(self, source: str) -> int | None:
+        """Return the index of the last change of ``source`` handled, or ``None`` before the first."""
+        row = self._fetch_one("SELECT last_change FROM source_cursors WHERE source = %s", (source,))
+        return None if row is None else int(row["last_change"])
+
+    def set_source_cursor(self, source: str, last_change: int, now: float) -> None:
+        """Record that every change of ``source`` up to ``last_change`` was handled."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO source_cursors (source, last_change, updated_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (source) DO UPDATE SET last_change = EXCLUDED.last_change,"
+                " updated_at = EXCLUDED.updated_at",
+                (source, last_change, now),
+            )
 
     def counts(self) -> LedgerCounts:
         """Return counts of jobs, deliveries and studies by state, and of instances."""

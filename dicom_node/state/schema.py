@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -16,7 +16,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     completed_at REAL,
     origin TEXT NOT NULL DEFAULT 'dicom',
-    purged_at REAL
+    purged_at REAL,
+    expected_instances INTEGER
 );
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
@@ -86,6 +87,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS source_cursors (
+    source TEXT PRIMARY KEY,
+    last_change INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -100,7 +106,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at DOUBLE PRECISION NOT NULL,
     completed_at DOUBLE PRECISION,
     origin TEXT NOT NULL DEFAULT 'dicom',
-    purged_at DOUBLE PRECISION
+    purged_at DOUBLE PRECISION,
+    expected_instances INTEGER
 );
 CREATE TABLE IF NOT EXISTS series (
     seq BIGSERIAL NOT NULL,
@@ -171,6 +178,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS source_cursors (
+    source TEXT PRIMARY KEY,
+    last_change BIGINT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
 """
 
 #: The oldest schema version a PostgreSQL ledger can have.
@@ -179,6 +191,8 @@ POSTGRES_FIRST_VERSION = 4
 #: What brings a PostgreSQL ledger from the version before each key to that version.
 POSTGRES_MIGRATIONS = {
     5: "ALTER TABLE instances ADD COLUMN IF NOT EXISTS sha256 TEXT NOT NULL DEFAULT ''",
+    6: "ALTER TABLE studies ADD COLUMN IF NOT EXISTS expected_instances INTEGER",
+    # 7: the table source_cursors, created by POSTGRES_SCHEMA
 }
 
 #: What an admin runs when the ledger's schema is missing or older than this node's.
@@ -188,7 +202,8 @@ UPGRADE_COMMAND = "dicom-node db upgrade --config node.toml"
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
-    Version 5 adds instances.sha256. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
+    Version 7 adds the table source_cursors (created by SCHEMA on any ledger). Version 6 adds
+    studies.expected_instances. Version 5 adds instances.sha256. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table
     constraint cannot be dropped, so jobs is rebuilt (https://sqlite.org/lang_altertable.html).
     """
@@ -203,6 +218,8 @@ def migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE studies ADD COLUMN origin TEXT NOT NULL DEFAULT 'dicom'")
     if studies and "purged_at" not in studies:  # version 4
         db.execute("ALTER TABLE studies ADD COLUMN purged_at REAL")
+    if studies and "expected_instances" not in studies:  # version 6
+        db.execute("ALTER TABLE studies ADD COLUMN expected_instances INTEGER")
     columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     if not columns or "options" in columns:
         return

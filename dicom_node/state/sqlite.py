@@ -155,11 +155,15 @@ class SqliteLedger:
                     " last_received_at, origin) VALUES (?, 'receiving', 1, ?, ?, ?)",
                     (record.study_uid, now, now, record.origin),
                 )
+            elif study["state"] == StudyState.COMPLETE and self._announced(db, record.study_uid):
+                # part of what the source announced when the study was completed from its
+                # inventory (a series no analysis needed, still arriving): not a new generation
+                pass
             elif study["state"] == StudyState.COMPLETE:
                 db.execute(
                     "UPDATE studies SET state = 'receiving', generation = generation + 1,"
                     " first_received_at = ?, last_received_at = ?, completed_at = NULL,"
-                    " purged_at = NULL WHERE study_uid = ?",
+                    " purged_at = NULL, expected_instances = NULL WHERE study_uid = ?",
                     (now, now, record.study_uid),
                 )
             else:
@@ -169,6 +173,14 @@ class SqliteLedger:
                     (now, record.study_uid),
                 )
             return True
+
+    @staticmethod
+    def _announced(db: sqlite3.Connection, study_uid: str) -> bool:
+        row = db.execute(
+            "SELECT expected_instances, (SELECT count(*) FROM instances i WHERE i.study_uid ="
+            " st.study_uid) AS held FROM studies st WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+        return row is not None and row[0] is not None and row[1] <= row[0]
 
     def recorded_paths(self) -> set[str]:
         """Return the spool paths of every recorded instance."""
@@ -211,6 +223,17 @@ class SqliteLedger:
         ).fetchall()
         return [row["study_uid"] for row in rows]
 
+    def receiving_studies(self) -> dict[str, frozenset[str]]:
+        """Return the studies still receiving, each with the calling AE titles that sent it."""
+        rows = self._connection().execute(
+            "SELECT DISTINCT st.study_uid, i.calling_ae_title FROM studies st JOIN instances i"
+            " ON i.study_uid = st.study_uid WHERE st.state = 'receiving'"
+        ).fetchall()
+        callers: dict[str, set[str]] = {}
+        for row in rows:
+            callers.setdefault(row[0], set()).add(row[1])
+        return {study: frozenset(titles) for study, titles in callers.items()}
+
     def complete_study(
         self,
         study_uid: str,
@@ -218,14 +241,17 @@ class SqliteLedger:
         planned: Sequence[PlannedJob],
         *,
         instances_seen: int | None = None,
+        expected_instances: int | None = None,
     ) -> list[str]:
         """Mark a study complete and create its jobs in one transaction.
 
         Jobs of earlier generations that have not run yet, and undelivered results of
         earlier generations, are superseded. ``instances_seen`` is the number of instances
-        the plan was made on: when the study holds more by now, nothing changes. Returns
-        the new jobs' uids (empty when the study had meanwhile received more instances or
-        was already complete).
+        the plan was made on: when the study holds more by now, nothing changes.
+        ``expected_instances`` is how many instances the study's source announced: until the
+        study holds more, arriving instances belong to this generation. Returns the new
+        jobs' uids (empty when the study had meanwhile received more instances or was
+        already complete).
         """
         created = []
         with self.transaction() as db:
@@ -242,8 +268,9 @@ class SqliteLedger:
                     return []
             generation = study["generation"]
             db.execute(
-                "UPDATE studies SET state = 'complete', completed_at = ? WHERE study_uid = ?",
-                (now, study_uid),
+                "UPDATE studies SET state = 'complete', completed_at = ?, expected_instances = ?"
+                " WHERE study_uid = ?",
+                (now, expected_instances, study_uid),
             )
             db.execute(
                 "UPDATE jobs SET state = 'superseded', finished_at = ?,"
@@ -567,6 +594,25 @@ class SqliteLedger:
             params = (now, job_uid)
         with self.transaction() as db:
             return db.execute(query, params).rowcount
+
+    # -- sources ---------------------------------------------------------------------
+
+    def source_cursor(self, source: str) -> int | None:
+        """Return the index of the last change of ``source`` handled, or ``None`` before the first."""
+        row = self._connection().execute(
+            "SELECT last_change FROM source_cursors WHERE source = ?", (source,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_source_cursor(self, source: str, last_change: int, now: float) -> None:
+        """Record that every change of ``source`` up to ``last_change`` was handled."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO source_cursors (source, last_change, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET last_change = excluded.last_change,"
+                " updated_at = excluded.updated_at",
+                (source, last_change, now),
+            )
 
     def counts(self) -> LedgerCounts:
         """Return counts of jobs, deliveries and studies by state, and of instances."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure
+from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure, WarmUpInput
 from inference.errors import InputError
 from inference.bodycomp import classical
 from inference.bodycomp.series_choice import choose_series
@@ -231,6 +231,13 @@ class BodyCompositionAnalysis:
             self.model_version = _weights_version(config)
         self._selector: Any = None
         self._segmenters: dict[str, Any] = {}
+
+    def warm_up_input(self) -> WarmUpInput | None:
+        """No warm-up: a synthetic CT has no spine to find a vertebral level in.
+
+        The classical path loads no model; with networks, the first job pays their cold start.
+        """
+        return None
 
     def load(self, device: str) -> None:
         """Load the configured networks onto ``device`` (nothing to load on the classical path)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure
+from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure, WarmUpInput
 from inference.errors import InputError
 from inference.volume import Volume, to_model_space
 
@@ -102,6 +102,10 @@ class HippocampusAnalysis:
         if len(self._metas) == 1:
             return str(self._meta.get("version", "unknown"))
         return "+".join(f"{m.get('version')}s{m.get('seed')}" for m in self._metas)
+
+    def warm_up_input(self) -> WarmUpInput:
+        """A synthetic hippocampus crop of the usual size (32 x 51 x 35 at 1 mm) to warm up on."""
+        return WarmUpInput("MR", (32, 51, 35), (1.0, 1.0, 1.0), "warm-up hippocampus crop")
 
     def load(self, device: str) -> None:
         """Load the network once on ``device``."""

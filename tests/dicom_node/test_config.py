@@ -154,3 +154,59 @@ def test_http_instances_need_a_receiver_url() -> None:
         build_config({"queue": {"heartbeat_s": 20, "stalled_after_s": 30}})
     with pytest.raises(ConfigError, match=r"analyses.hippocampus.devices: name at least one device class: 'cuda', 'cpu' or both"):
         build_config({"analyses": {"hippocampus": {"plugin": "hippocampus", "devices": []}}})
+def test_a_source_validates_with_errors_naming_the_key(tmp_path: Path) -> None:
+    config = build_config({"sources": {"pacs": {"ae_title": "ORTHANC", "url": "http://pacs:8042/"}}})
+    assert config.sources["pacs"].mode == "push"
+    assert config.sources["pacs"].url == "http://pacs:8042"
+    assert config.source_for_caller("ORTHANC") == "pacs"
+    assert config.source_for_caller("OTHER") is None
+    cases = [
+        ({"ae_title": "ORTHANC", "url": "pacs:8042"}, "sources.pacs.url: url 'pacs:8042' is not an http"),
+        ({"ae_title": "ORTHANC", "url": "http://pacs", "mode": "poll"},
+         "sources.pacs.mode: Input should be 'push' or 'pull'"),
+        ({"ae_title": "A" * 17, "url": "http://pacs"}, "sources.pacs.ae_title: AE title"),
+        ({"ae_title": "ORTHANC", "url": "http://pacs", "username": "ai"},
+         "sources.pacs: username needs password_file or password_env"),
+        ({"ae_title": "ORTHANC", "url": "http://pacs", "username": "ai", "password_env": "X",
+          "password_file": "/x"}, "sources.pacs: give password_file or password_env, not both"),
+        ({"url": "http://pacs"}, "sources.pacs.ae_title: Field required"),
+    ]
+    for table, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            build_config({"sources": {"pacs": table}}, source="node.toml")
+        assert f"node.toml: {message}" in str(caught.value)
+    with pytest.raises(ConfigError, match="ae_title 'ORTHANC' is also the AE title of sources.a"):
+        build_config({"sources": {"a": {"ae_title": "ORTHANC", "url": "http://a"},
+                                  "b": {"ae_title": "ORTHANC", "url": "http://b"}}})
+
+
+def test_a_source_password_comes_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "orthanc-password"
+    secret.write_text("s3cret\n")
+    config = build_config({"sources": {
+        "f": {"ae_title": "F", "url": "http://f", "username": "ai", "password_file": str(secret)},
+        "e": {"ae_title": "E", "url": "http://e", "username": "ai", "password_env": "NODE_TEST_ORTHANC_PW"},
+        "m": {"ae_title": "M", "url": "http://m", "username": "ai", "password_file": str(tmp_path / "none")},
+    }})
+    assert config.sources["f"].password("f") == "s3cret"
+    monkeypatch.delenv("NODE_TEST_ORTHANC_PW", raising=False)
+    with pytest.raises(ConfigError, match="sources.e.password_env: the environment variable"
+                                          " NODE_TEST_ORTHANC_PW is not set"):
+        config.sources["e"].password("e")
+    monkeypatch.setenv("NODE_TEST_ORTHANC_PW", "from-env")
+    assert config.sources["e"].password("e") == "from-env"
+    with pytest.raises(ConfigError, match="sources.m.password_file: cannot read"):
+        config.sources["m"].password("m")
+
+
+def test_an_analysis_may_send_its_results_to_a_source_by_rest() -> None:
+    sources = {"pacs": {"ae_title": "ORTHANC", "url": "http://pacs:8042"}}
+    config = build_config({"sources": sources,
+                           "analyses": {"hippocampus": {"plugin": "hippocampus", "destinations": ["source:pacs"]}}})
+    assert config.destinations_for("hippocampus") == ("source:pacs",)
+    with pytest.raises(ConfigError, match="analyses.hippocampus.destinations names 'source:archive',"
+                                          " but \\[sources\\] has no 'archive' \\(pacs\\)"):
+        build_config({"sources": sources,
+                      "analyses": {"hippocampus": {"plugin": "hippocampus", "destinations": ["source:archive"]}}})

@@ -179,8 +179,9 @@ def test_schema_3_ledger_gains_purged_at(tmp_path: Path) -> None:
 
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    version_3 = SCHEMA.replace(",\n    purged_at REAL", "")
-    assert version_3 != SCHEMA
+    version_4 = SCHEMA.replace(",\n    expected_instances INTEGER", "")
+    version_3 = version_4.replace(",\n    purged_at REAL", "")
+    assert version_3 != version_4 != SCHEMA
     db.executescript(version_3)
     db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom')")
     db.commit()
@@ -215,3 +216,42 @@ def test_a_due_delivery_is_taken_by_one_sender(open_again: OpenLedger) -> None:
     assert second.claim_delivery(again.id, 172.0, lease_s=60)
     second.delivery_succeeded(again.id, 173.0)
     assert not first.claim_delivery(again.id, 500.0, lease_s=60)  # sent: nothing to take
+def test_schema_4_ledger_gains_expected_instances(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.state.schema import SCHEMA
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace(",\n    expected_instances INTEGER", ""))
+    db.execute("INSERT INTO studies VALUES ('1.2', 'complete', 1, 1.0, 2.0, 3.0, 'dicom', NULL)")
+    db.commit()
+    db.close()
+    ledger = SqliteLedger(path)
+    columns = {row[1] for row in ledger._connection().execute("PRAGMA table_info(studies)")}
+    assert "expected_instances" in columns
+    study = ledger.study("1.2")
+    assert study is not None and study.completed_at == 3.0 and study.generation == 1
+
+
+def test_source_cursor_on_fresh_and_existing_ledgers(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.state.schema import SCHEMA
+
+    fresh = SqliteLedger(tmp_path / "fresh.sqlite3")
+    assert fresh.source_cursor("pacs") is None
+    fresh.set_source_cursor("pacs", 12, 1.0)
+    fresh.set_source_cursor("pacs", 15, 2.0)
+    assert fresh.source_cursor("pacs") == 15 and fresh.source_cursor("other") is None
+    assert SqliteLedger(tmp_path / "fresh.sqlite3").source_cursor("pacs") == 15  # durable
+
+    path = tmp_path / "old.sqlite3"  # a version 5 ledger, without the table
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA[: SCHEMA.index("CREATE TABLE IF NOT EXISTS source_cursors")])
+    db.commit()
+    db.close()
+    old = SqliteLedger(path)
+    assert old.source_cursor("pacs") is None
+    old.set_source_cursor("pacs", 3, 1.0)
+    assert old.source_cursor("pacs") == 3
