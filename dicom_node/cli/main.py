@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 import time
 from collections.abc import Iterable, Sequence
 from importlib.metadata import EntryPoint, entry_points
@@ -78,6 +79,10 @@ def _configure_logging(verbose: bool) -> None:
     )
     for noisy in ("pynetdicom", "PIL", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom logs each of its warnings to its own logger as well (misc.warn_and_log): the
+    # second, raw copy on stderr would only repeat it without time or source.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    logging.captureWarnings(True)  # any other warning goes through the log, with its time
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from io import BytesIO
@@ -12,9 +13,12 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
+from pydicom.dataelem import DataElement
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
@@ -33,7 +37,8 @@ from dicom_node.receive.association import (
 from dicom_node.receive.ingest import identify, persist, raw_uid, series_attributes
 from dicom_node.state.records import InstanceRecord
 from dicom_node.state.ledger import Ledger
-from dicom_node.receive.spool import Spool
+from dicom_node.receive.spool import Spool, is_valid_uid
+from dicom_node.receive.structure import check_structure
 
 __all__ = ["ReceiveCounters", "StorageSCP", "raw_uid", "series_attributes"]
 
@@ -80,6 +85,12 @@ class ReceiveCounters:
         with self._lock:
             self.rejected[reason] += 1
 
+
+#: Stands in for an unusable Affected SOP Instance UID of a C-STORE request until it is refused.
+PLACEHOLDER_UID = "2.25.0"
+
+#: CommandField of a C-STORE-RQ (PS3.7 E.1).
+_C_STORE_RQ = 0x0001
 
 #: (7FE0,0010) and the float/double pixel data after it: the header ends there.
 _PIXEL_DATA_GROUP = 0x7FE0
@@ -137,10 +148,16 @@ def _share_transfer_syntax_uids(ae: AE) -> None:
         syntaxes[:] = [shared.setdefault(str(uid), uid) for uid in syntaxes]
 
 
+def error_comment(reason: str) -> str:
+    """Return ``reason`` as an ErrorComment value: LO, 64 characters, no backslash or control code."""
+    text = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)
+    return text[:64]
+
+
 def _failure(code: int, comment: str) -> Dataset:
     rsp = Dataset()
     rsp.Status = code
-    rsp.ErrorComment = comment[:64]
+    rsp.ErrorComment = error_comment(comment)
     return rsp
 
 
@@ -177,9 +194,17 @@ class StorageSCP:
         self.counters = ReceiveCounters()
         self._server: ThreadedAssociationServer | None = None
         self._allowed_addresses = frozenset(settings.allowed_addresses)
+        #: Per association: message ID -> why its request's identifiers are unusable.
+        self._bad_identifiers: weakref.WeakKeyDictionary[Association, dict[int, str]] = (
+            weakref.WeakKeyDictionary())
+        self._bad_identifiers_lock = threading.Lock()
 
     def build_ae(self) -> AE:
         """Return the application entity with every storage SOP class and transfer syntax."""
+        # pynetdicom's standard notification handlers format every PDU and DIMSE message
+        # for DEBUG logging, converting each command element on the way (and so warning about
+        # malformed ones before the node can refuse them): leave them unbound (_config docs).
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
@@ -202,6 +227,7 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_DIMSE_RECV, self.handle_dimse_recv),
         ]
         ae = self.build_ae()
         server = ae.start_server(
@@ -246,6 +272,50 @@ class StorageSCP:
             )
             event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
 
+    def handle_dimse_recv(self, event: Event) -> None:
+        """Make a C-STORE request with unusable identifiers one the node can answer.
+
+        pynetdicom drops a request whose Affected SOP Instance or Class UID is empty (the
+        sender waits for a response that never comes), aborts the association, with a
+        traceback, when one is longer than 64 characters, and pydicom warns about other
+        malformed ones. Such an identifier is replaced here by a placeholder before
+        pynetdicom converts the message, and the request is refused
+        with ``INVALID_IDENTIFIERS`` and the reason (PS3.7 9.1.1.1.9: the response's Affected
+        SOP Instance UID is optional, so echoing the placeholder misleads no one).
+        """
+        command = event.message.command_set
+        if command.get("CommandField") != _C_STORE_RQ:
+            return
+        problems = []
+        for keyword in ("AffectedSOPInstanceUID", "AffectedSOPClassUID"):
+            uid = raw_uid(command, keyword)
+            if is_valid_uid(uid):
+                continue
+            if not uid:
+                problems.append(f"{keyword} is empty")
+            elif len(uid) > 64:
+                problems.append(f"{keyword} is {len(uid)} characters long")
+            else:
+                problems.append(f"{keyword} is invalid ({error_comment(uid[:24])!r})")
+            placeholder = PLACEHOLDER_UID
+            if keyword == "AffectedSOPClassUID":  # the negotiated class, so the request is routed
+                placeholder = next((str(c.abstract_syntax) for c in event.assoc.accepted_contexts
+                                    if c.context_id == event.message.context_id), PLACEHOLDER_UID)
+            # item assignment, not setattr: setattr would convert (and warn about) the old value
+            command[Tag(keyword)] = DataElement(Tag(keyword), "UI", UID(placeholder))
+        if problems:
+            with self._bad_identifiers_lock:
+                per_assoc = self._bad_identifiers.setdefault(event.assoc, {})
+                per_assoc[int(command.get("MessageID", 0))] = "; ".join(problems)
+
+    def _request_problem(self, event: Event) -> str | None:
+        """Return why this request's identifiers were unusable (see :meth:`handle_dimse_recv`)."""
+        with self._bad_identifiers_lock:
+            per_assoc = self._bad_identifiers.get(event.assoc)
+            if not per_assoc:
+                return None
+            return per_assoc.pop(int(cast(C_STORE, event.request).MessageID or 0), None)
+
     def handle_echo(self, event: Event) -> int:
         """Answer C-ECHO."""
         return status.SUCCESS
@@ -269,6 +339,14 @@ class StorageSCP:
         return status.SUCCESS
 
     def _store(self, event: Event, calling: str) -> tuple[InstanceRecord, dict[str, Any]]:
+        problem = self._request_problem(event)
+        if problem is not None:
+            raise RejectedInstance(status.INVALID_IDENTIFIERS, f"C-STORE request: {problem}")
+        # Reading the header alone would acknowledge a data set cut short in its pixel data,
+        # or encoded in another syntax than the context's: walk it all first (no pixel decoding).
+        with received_stream(event).getbuffer() as data:
+            check_structure(data, event.context.transfer_syntax,
+                            cast(C_STORE, event.request).AffectedSOPClassUID)
         try:
             ds = read_header(event)
         except Exception as exc:  # pydicom raises many types for corrupt data

@@ -1,0 +1,142 @@
+"""Fuzzing the Storage SCP on raw sockets: nothing undecodable is acknowledged, every request is answered."""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from dicom_node import status
+from dicom_node.receive.scp import StorageSCP
+from tests.conftest import HIPPO_CROP_STUDY1
+from tests.integration.raw_association import EXPLICIT_LITTLE, IMPLICIT_LITTLE, store_raw
+from tests.integration.test_receiver import make_scp, storescu
+
+pytestmark = pytest.mark.integration
+
+#: Wall-clock budget of the generated cases; the fixed cases always run.
+GENERATED_BUDGET_S = 20.0
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[StorageSCP]:
+    server = make_scp(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def encode(ds: Dataset, *, implicit: bool = False) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def instance(index: int = 0) -> Dataset:
+    return pydicom.dcmread(sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[index])
+
+
+def spool_files(scp: StorageSCP) -> list[Path]:
+    return [p for p in scp.spool.root.rglob("*") if p.is_file()]
+
+
+def send(scp: StorageSCP, data: bytes, *, sop_class: str | bytes | None = None,
+         sop_instance: str | bytes | None = None, syntax: str = EXPLICIT_LITTLE,
+         ds: Dataset | None = None) -> tuple[int | None, str]:
+    ds = ds if ds is not None else instance()
+    started = time.monotonic()
+    rsp = store_raw("127.0.0.1", scp.settings.port,
+                    ds.SOPClassUID if sop_class is None else sop_class,
+                    ds.SOPInstanceUID if sop_instance is None else sop_instance,
+                    data, syntax, abstract_syntax=str(ds.SOPClassUID), timeout_s=10)
+    assert rsp.ended_by == "response", f"no response: the association ended by {rsp.ended_by}"
+    assert time.monotonic() - started < 5, "the response took too long"
+    return rsp.status, rsp.error_comment
+
+
+def test_malformed_cases_are_refused_with_a_reason(
+    scp: StorageSCP, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    good = encode(instance())
+    pixel = good.index(b"\xe0\x7f\x10\x00")
+    cases = {
+        "implicit VR body on an explicit VR context": (
+            {"data": encode(instance(), implicit=True)}, status.CANNOT_UNDERSTAND, "(0008,0008) at offset 0: no valid VR (18 00)"),
+        "Pixel Data declaring 200 MB with 1 KB sent": (
+            {"data": good[:pixel] + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", 200_000_000)
+             + bytes(1024)},
+            status.CANNOT_UNDERSTAND, "(7FE0,0010) length 200000000 exceeds the 1024 bytes left"),
+        "random bytes after a tag past group 0x7FE0": (
+            {"data": good + b"\xe0\x7f\x11\x00" + random.Random(1).randbytes(3000)},
+            status.CANNOT_UNDERSTAND, "(7FE0,0011) at offset"),
+        "empty SOP Instance UID": (
+            {"data": good, "sop_instance": b""}, status.INVALID_IDENTIFIERS,
+            "C-STORE request: AffectedSOPInstanceUID is empty"),
+        "82-character SOP Instance UID": (
+            {"data": good, "sop_instance": "1." + "2" * 80}, status.INVALID_IDENTIFIERS,
+            "C-STORE request: AffectedSOPInstanceUID is 82 characters long"),
+        "malformed SOP Instance UID": (
+            {"data": good, "sop_instance": "1.2.abc"}, status.INVALID_IDENTIFIERS,
+            "C-STORE request: AffectedSOPInstanceUID is invalid ('1.2.abc')"),
+        "empty SOP Class UID": (
+            {"data": good, "sop_class": b""}, status.INVALID_IDENTIFIERS,
+            "C-STORE request: AffectedSOPClassUID is empty"),
+        "empty data set": ({"data": b""}, status.CANNOT_UNDERSTAND, "the data set is empty"),
+    }
+    for name, (kwargs, expected_status, reason) in cases.items():
+        got_status, comment = send(scp, **kwargs)  # type: ignore[arg-type]
+        assert got_status == expected_status, name
+        assert comment.startswith(reason), (name, comment)
+        assert not spool_files(scp), name
+    # one WARNING line per refusal, naming the reason; no traceback, no ERROR
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused instance")]
+    assert len(refusals) == len(cases)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    # the next sender is served as before
+    result = storescu(scp, *sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[:3])
+    assert result.returncode == 0, result.stderr
+    assert scp.counters.stored == 3 and len(spool_files(scp)) == 3
+
+
+def test_generated_malformed_data_sets_are_refused(
+    scp: StorageSCP, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seeded: truncations, re-encodings in the wrong syntax and noise tails, within a time budget."""
+    caplog.set_level(logging.WARNING)
+    rng = random.Random(13)
+    sources = [instance(i) for i in range(3)]
+    deadline = time.monotonic() + GENERATED_BUDGET_S
+    sent = 0
+    while time.monotonic() < deadline and sent < 60:
+        ds = rng.choice(sources)
+        data = encode(ds)
+        kind = sent % 4
+        syntax = EXPLICIT_LITTLE
+        if kind == 0:  # cut anywhere
+            data = data[:rng.randrange(1, len(data))]
+        elif kind == 1:  # the other VR encoding than the context says
+            data = encode(ds, implicit=True)
+        elif kind == 2:
+            syntax = IMPLICIT_LITTLE  # explicit bytes on an implicit context
+        else:  # noise after the pixel data
+            data += b"\xf0\x7f\x10\x00" + rng.randbytes(rng.randrange(1, 5000))
+        got_status, comment = send(scp, data, syntax=syntax, ds=ds)
+        assert got_status in (status.CANNOT_UNDERSTAND, status.INVALID_IDENTIFIERS,
+                              status.DATASET_DOES_NOT_MATCH_SOP_CLASS), (kind, comment)
+        assert comment, kind
+        sent += 1
+    assert sent >= 8
+    assert not spool_files(scp)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert send(scp, encode(sources[0]), ds=sources[0]) == (status.SUCCESS, "")
