@@ -63,6 +63,7 @@ class NodeSettings(_Frozen):
     allowed_addresses: tuple[str, ...] = ()
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=2**24)] = 131072
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    association_request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
     min_free_disk_bytes: Annotated[int, Field(ge=0)] = 500_000_000
     fsync: bool = True

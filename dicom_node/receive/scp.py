@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -198,6 +199,11 @@ class StorageSCP:
         self._bad_identifiers: weakref.WeakKeyDictionary[Association, dict[int, str]] = (
             weakref.WeakKeyDictionary())
         self._bad_identifiers_lock = threading.Lock()
+        #: Connections that have not yet sent a complete A-ASSOCIATE-RQ, with when they opened.
+        self._pending: dict[Association, float] = {}
+        self._pending_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     def build_ae(self) -> AE:
         """Return the application entity with every storage SOP class and transfer syntax."""
@@ -209,6 +215,9 @@ class StorageSCP:
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.network_timeout = self.settings.network_timeout_s
+        # How long the association thread waits for the request once the connection is open
+        # (pynetdicom's default is 30 s); see _close_stalled_requests for the socket side.
+        ae.acse_timeout = self.settings.association_request_timeout_s
         ae.require_called_aet = self.settings.require_called_ae_title
         if self.settings.allowed_calling_ae_titles:
             ae.require_calling_aet = list(self.settings.allowed_calling_ae_titles)
@@ -228,6 +237,9 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_DIMSE_RECV, self.handle_dimse_recv),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_association_ended),
+            (evt.EVT_CONN_CLOSE, self.handle_association_ended),
         ]
         ae = self.build_ae()
         server = ae.start_server(
@@ -236,12 +248,20 @@ class StorageSCP:
         if server is None:
             raise RuntimeError("pynetdicom did not return a server")
         self._server = server
+        self._stopping.clear()
+        self._watchdog = threading.Thread(target=self._close_stalled_requests,
+                                          name="association-request-watchdog", daemon=True)
+        self._watchdog.start()
         host, port = server.server_address[:2]
         logger.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, host, port)
         return str(host), int(port)
 
     def stop(self) -> None:
         """Stop accepting associations and wait for the open ones to end."""
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -258,7 +278,47 @@ class StorageSCP:
         few percent of a core per open association and raises single-association throughput.
         """
         disable_nagle(event)
+        with self._pending_lock:
+            self._pending[event.assoc] = time.monotonic()
+
+    def handle_accepted(self, event: Event) -> None:
+        """Shorten the DUL loop's idle sleep once the association is established.
+
+        Only established associations get the short delay: a connection that never sends a
+        complete request would otherwise spin its thread 10,000 times a second for nothing.
+        """
+        self.handle_association_ended(event)
         event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
+
+    def handle_association_ended(self, event: Event) -> None:
+        """Forget a connection's pending state (accepted, rejected or closed)."""
+        with self._pending_lock:
+            self._pending.pop(event.assoc, None)
+
+    def _close_stalled_requests(self) -> None:
+        """Close connections without a complete A-ASSOCIATE-RQ after the configured timeout.
+
+        pynetdicom reads an accepted socket with no timeout: a peer that sends the first
+        bytes of a request and stops holds its association slot for good. ``shutdown``
+        wakes the blocked ``recv`` (closing the descriptor from another thread would not).
+        """
+        limit_s = self.settings.association_request_timeout_s
+        while not self._stopping.wait(min(1.0, limit_s / 2)):
+            now = time.monotonic()
+            with self._pending_lock:
+                stalled = [a for a, opened in self._pending.items() if now - opened > limit_s]
+                for assoc in stalled:
+                    del self._pending[assoc]
+            for assoc in stalled:
+                logger.warning("closed connection from %s: no complete A-ASSOCIATE-RQ within %g s "
+                               "(node.association_request_timeout_s)",
+                               assoc.requestor.address, limit_s)
+                sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # closed meanwhile
+                        pass
 
     def handle_requested(self, event: Event) -> None:
         """Reject associations from addresses outside the allow-list, when one is set."""

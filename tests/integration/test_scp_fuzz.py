@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -140,3 +141,31 @@ def test_generated_malformed_data_sets_are_refused(
     assert not spool_files(scp)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert send(scp, encode(sources[0]), ds=sources[0]) == (status.SUCCESS, "")
+
+
+def test_connections_stalled_before_association_are_closed_in_time(tmp_path: Path) -> None:
+    """16 peers send the first 6 bytes of an A-ASSOCIATE-RQ and stop: each holds a slot until
+    ``association_request_timeout_s``, then is closed, and a real sender is served."""
+    server = make_scp(tmp_path, max_associations=16, association_request_timeout_s=2.0)
+    server.start()
+    stalled = []
+    try:
+        for _ in range(16):
+            sock = socket.create_connection(("127.0.0.1", server.settings.port), timeout=10)
+            sock.sendall(b"\x01\x00\xff\xff\xff\xff")
+            stalled.append(sock)
+        started = time.monotonic()
+        for sock in stalled:
+            assert sock.recv(1) == b""  # closed by the node
+        assert time.monotonic() - started < 2.0 + 3.0
+        # the slots come free as pynetdicom's association threads wind down
+        while (result := storescu(server, sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[0])).returncode:
+            assert "Local Limit Exceeded" in result.stderr
+            assert time.monotonic() - started < 2.0 + 5.0, "slots still taken"
+            time.sleep(0.2)
+        print(f"served {time.monotonic() - started:.1f} s after the stalled peers connected")
+        assert server.counters.stored == 1
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()
