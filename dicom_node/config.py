@@ -64,7 +64,10 @@ class NodeSettings(_Frozen):
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=2**24)] = 131072
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     association_request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
-    max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 32
+    association_wait_s: Annotated[float, Field(ge=0, le=60)] = 5.0
+    max_pending_connections: Annotated[int, Field(ge=1, le=1024)] = 64
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1024)] = 48
     min_free_disk_bytes: Annotated[int, Field(ge=0)] = 500_000_000
     fsync: bool = True
     retention_days: Annotated[float, Field(ge=0)] = 7.0

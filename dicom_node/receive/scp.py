@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import weakref
@@ -30,14 +29,20 @@ from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.errors import RejectedInstance
 from dicom_node.receive.association import (
+    LOCAL_LIMIT_EXCEEDED,
     NO_REASON_GIVEN,
     REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
     SOURCE_SERVICE_USER,
     disable_nagle,
+    send_reject,
 )
+from dicom_node.receive.admission import BACKSTOP_S, AdmissionGate, calling_ae_title
 from dicom_node.receive.ingest import identify, persist, raw_uid, series_attributes
 from dicom_node.state.records import InstanceRecord
 from dicom_node.state.ledger import Ledger
+from dicom_node.receive.peer_errors import PeerErrorFilter
 from dicom_node.receive.spool import Spool, is_valid_uid
 from dicom_node.receive.structure import check_structure
 
@@ -76,6 +81,8 @@ class ReceiveCounters:
         self.stored = 0
         self.bytes = 0
         self.rejected: Counter[str] = Counter()
+        #: Connections and associations refused or closed by the admission gate, by reason.
+        self.refused_connections: Counter[str] = Counter()
 
     def add_stored(self, size_bytes: int) -> None:
         with self._lock:
@@ -85,6 +92,10 @@ class ReceiveCounters:
     def add_rejected(self, reason: str) -> None:
         with self._lock:
             self.rejected[reason] += 1
+
+    def add_refused_connection(self, reason: str) -> None:
+        with self._lock:
+            self.refused_connections[reason] += 1
 
 
 #: Stands in for an unusable Affected SOP Instance UID of a C-STORE request until it is refused.
@@ -199,9 +210,9 @@ class StorageSCP:
         self._bad_identifiers: weakref.WeakKeyDictionary[Association, dict[int, str]] = (
             weakref.WeakKeyDictionary())
         self._bad_identifiers_lock = threading.Lock()
-        #: Connections that have not yet sent a complete A-ASSOCIATE-RQ, with when they opened.
-        self._pending: dict[Association, float] = {}
-        self._pending_lock = threading.Lock()
+        self.gate = AdmissionGate(settings, self.counters.add_refused_connection)
+        self._peer_errors = PeerErrorFilter(self._is_ours, self.gate.closed_by_gate.__contains__)
+        self._ae: AE | None = None
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -212,12 +223,15 @@ class StorageSCP:
         # malformed ones before the node can refuse them): leave them unbound (_config docs).
         pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_associations = self.settings.max_associations
+        # The gate bounds pending connections and association slots (admission.py); pynetdicom
+        # counts every connection, pending or closing, so its own limit only backs ours up.
+        ae.maximum_associations = min(
+            2 * self.settings.max_associations + self.settings.max_pending_connections, 1024)
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.network_timeout = self.settings.network_timeout_s
         # How long the association thread waits for the request once the connection is open
         # (pynetdicom's default is 30 s); see _close_stalled_requests for the socket side.
-        ae.acse_timeout = self.settings.association_request_timeout_s
+        ae.acse_timeout = self.settings.association_request_timeout_s + BACKSTOP_S
         ae.require_called_aet = self.settings.require_called_ae_title
         if self.settings.allowed_calling_ae_titles:
             ae.require_calling_aet = list(self.settings.allowed_calling_ae_titles)
@@ -242,6 +256,8 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self.handle_association_ended),
         ]
         ae = self.build_ae()
+        self._ae = ae
+        self._peer_errors.install()
         server = ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )
@@ -266,71 +282,63 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
             logger.info("Storage SCP stopped")
+        self._peer_errors.remove()
 
     # -- event handlers (pynetdicom threads) -------------------------------------------
 
-    def handle_conn_open(self, event: Event) -> None:
-        """Tune a new association's transport for throughput.
+    def _is_ours(self, assoc: Association) -> bool:
+        return self._ae is not None and assoc.ae is self._ae and assoc.is_acceptor
 
-        Nagle's algorithm off: without it every instance waits ~40 ms for a delayed ACK.
-        pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it finds no event,
-        which adds up to about a millisecond per PDU gap and per response; 0.1 ms costs a
-        few percent of a core per open association and raises single-association throughput.
+    def handle_conn_open(self, event: Event) -> None:
+        """Admit a new connection as pending (see :class:`AdmissionGate`); Nagle's algorithm off.
+
+        Without TCP_NODELAY every instance waits ~40 ms for the peer's delayed ACK.
         """
         disable_nagle(event)
-        with self._pending_lock:
-            self._pending[event.assoc] = time.monotonic()
+        self.gate.open(event.assoc, event.assoc.requestor.address)
 
     def handle_accepted(self, event: Event) -> None:
         """Shorten the DUL loop's idle sleep once the association is established.
 
-        Only established associations get the short delay: a connection that never sends a
-        complete request would otherwise spin its thread 10,000 times a second for nothing.
+        pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it finds no event,
+        which adds up to about a millisecond per PDU gap and per response; 0.1 ms costs a few
+        percent of a core per open association and raises single-association throughput.
+        Only established associations get it: a connection that never sends a complete
+        request would otherwise spin its thread 10,000 times a second for nothing.
         """
-        self.handle_association_ended(event)
         event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
     def handle_association_ended(self, event: Event) -> None:
-        """Forget a connection's pending state (accepted, rejected or closed)."""
-        with self._pending_lock:
-            self._pending.pop(event.assoc, None)
+        """Free a connection's slot (rejected or closed)."""
+        self.gate.closed(event.assoc)
 
     def _close_stalled_requests(self) -> None:
-        """Close connections without a complete A-ASSOCIATE-RQ after the configured timeout.
-
-        pynetdicom reads an accepted socket with no timeout: a peer that sends the first
-        bytes of a request and stops holds its association slot for good. ``shutdown``
-        wakes the blocked ``recv`` (closing the descriptor from another thread would not).
-        """
+        """Every half timeout, close connections without a complete A-ASSOCIATE-RQ (the gate)."""
         limit_s = self.settings.association_request_timeout_s
         while not self._stopping.wait(min(1.0, limit_s / 2)):
-            now = time.monotonic()
-            with self._pending_lock:
-                stalled = [a for a, opened in self._pending.items() if now - opened > limit_s]
-                for assoc in stalled:
-                    del self._pending[assoc]
-            for assoc in stalled:
-                logger.warning("closed connection from %s: no complete A-ASSOCIATE-RQ within %g s "
-                               "(node.association_request_timeout_s)",
-                               assoc.requestor.address, limit_s)
-                sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:  # closed meanwhile
-                        pass
+            self.gate.close_stalled()
 
     def handle_requested(self, event: Event) -> None:
-        """Reject associations from addresses outside the allow-list, when one is set."""
-        if not self._allowed_addresses:
-            return
+        """Reject associations from addresses outside the allow-list, or with no slot free.
+
+        At ``node.max_associations`` the request waits up to ``node.association_wait_s`` for a
+        slot, then is rejected transient, local limit exceeded (PS3.8 9.3.4), so the sender
+        may try again; the gate logs and counts it.
+        """
         address = event.assoc.requestor.address
-        if address not in self._allowed_addresses:
+        if self._allowed_addresses and address not in self._allowed_addresses:
+            self.gate.closed(event.assoc)
             logger.warning(
                 "rejected association from %s (AE %s): address not in node.allowed_addresses",
-                address, event.assoc.requestor.ae_title,
+                address, calling_ae_title(event.assoc),
             )
-            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
+            send_reject(event.assoc, REJECTED_PERMANENT, SOURCE_SERVICE_USER, NO_REASON_GIVEN)
+            return
+        if not self.gate.request_complete(event.assoc):
+            send_reject(event.assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
+                        LOCAL_LIMIT_EXCEEDED)
+            return
+        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S  # the A-ASSOCIATE-AC leaves at once
 
     def handle_dimse_recv(self, event: Event) -> None:
         """Make a C-STORE request with unusable identifiers one the node can answer.

@@ -93,3 +93,15 @@ def test_effective_config_round_trips_through_toml(tmp_path: Path) -> None:
     path = tmp_path / "effective.toml"
     path.write_text(dump_toml(config.model_dump(mode="json")))
     assert load_config(path) == config
+
+
+def test_connection_limits_default_for_a_busy_pacs_and_name_the_key(tmp_path: Path) -> None:
+    node = build_config({}).node
+    assert node.max_associations >= 20  # a PACS flushing its queue opens many at once
+    assert node.max_connections_per_address >= node.max_associations
+    path = tmp_path / "node.toml"
+    path.write_text("[node]\nmax_pending_connections = 0\nassociation_wait_s = 90\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "node.max_pending_connections: Input should be greater than or equal to 1" in str(info.value)
+    assert "node.association_wait_s: Input should be less than or equal to 60" in str(info.value)

@@ -6,6 +6,7 @@ import logging
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pynetdicom import AE
 
 from dicom_node import status
 from dicom_node.receive.scp import StorageSCP
@@ -143,29 +145,105 @@ def test_generated_malformed_data_sets_are_refused(
     assert send(scp, encode(sources[0]), ds=sources[0]) == (status.SUCCESS, "")
 
 
-def test_connections_stalled_before_association_are_closed_in_time(tmp_path: Path) -> None:
-    """16 peers send the first 6 bytes of an A-ASSOCIATE-RQ and stop: each holds a slot until
-    ``association_request_timeout_s``, then is closed, and a real sender is served."""
-    server = make_scp(tmp_path, max_associations=16, association_request_timeout_s=2.0)
-    server.start()
-    stalled = []
-    try:
-        for _ in range(16):
-            sock = socket.create_connection(("127.0.0.1", server.settings.port), timeout=10)
+def hang(port: int, *, six_bytes: int, idle: int) -> list[socket.socket]:
+    """Open ``six_bytes`` connections that send the start of an A-ASSOCIATE-RQ (length
+    0xFFFFFFFF) and stop, and ``idle`` connections that send nothing."""
+    socks = []
+    for index in range(six_bytes + idle):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if index < six_bytes:
             sock.sendall(b"\x01\x00\xff\xff\xff\xff")
-            stalled.append(sock)
+        socks.append(sock)
+    return socks
+
+
+def test_stalled_and_idle_connections_never_keep_a_sender_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """16 six-byte connections and 50 idle sockets: a real sender is served at once, the node
+    spends little CPU while they hang, and each is closed within the request timeout."""
+    caplog.set_level(logging.WARNING)
+    timeout_s = 3.0
+    server = make_scp(tmp_path, association_request_timeout_s=timeout_s)  # default limits
+    server.start()
+    socks = hang(server.settings.port, six_bytes=16, idle=50)
+    try:
+        time.sleep(0.5)  # all accepted and waiting
+        cpu_started, wall_started = time.process_time(), time.monotonic()
+        time.sleep(1.5)
+        cpu_share = (time.process_time() - cpu_started) / (time.monotonic() - wall_started)
+        print(f"CPU while 66 connections hang: {cpu_share:.1%} of a core")
+        assert cpu_share < 0.10
         started = time.monotonic()
-        for sock in stalled:
-            assert sock.recv(1) == b""  # closed by the node
-        assert time.monotonic() - started < 2.0 + 3.0
-        # the slots come free as pynetdicom's association threads wind down
-        while (result := storescu(server, sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[0])).returncode:
-            assert "Local Limit Exceeded" in result.stderr
-            assert time.monotonic() - started < 2.0 + 5.0, "slots still taken"
-            time.sleep(0.2)
-        print(f"served {time.monotonic() - started:.1f} s after the stalled peers connected")
-        assert server.counters.stored == 1
+        result = storescu(server, *sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[:5])
+        served_s = time.monotonic() - started
+        print(f"5 instances stored in {served_s:.2f} s while they hang")
+        assert result.returncode == 0, result.stderr
+        assert served_s < 2.0 and server.counters.stored == 5
+        for sock in socks:  # every one closed by the node, none later than the timeout allows
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < timeout_s + 2.0
     finally:
-        for sock in stalled:
+        for sock in socks:
             sock.close()
         server.stop()
+    refused = server.counters.refused_connections
+    assert refused["request_timeout"] + refused["pending_limit"] + refused["address_limit"] == 66
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    # one line per kind of closure and peer address within 10 s, not one per connection
+    closures = [r for r in caplog.records if "A-ASSOCIATE-RQ" in r.getMessage()]
+    assert 1 <= len(closures) <= 3, [r.getMessage() for r in closures]
+
+
+def test_at_the_association_limit_a_sender_waits_then_is_refused_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = make_scp(tmp_path, max_associations=1, association_wait_s=1.0)
+    server.start()
+    ds = instance()
+    try:
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(ds.SOPClassUID, EXPLICIT_LITTLE)
+        assoc = holder.associate("127.0.0.1", server.settings.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        started = time.monotonic()
+        refused = storescu(server, sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[0])
+        waited_s = time.monotonic() - started
+        assert refused.returncode != 0 and "Local Limit Exceeded" in refused.stderr, refused.stderr
+        assert 1.0 <= waited_s < 3.0
+        # a slot freed while a sender waits is taken at once
+        threading.Timer(0.3, assoc.release).start()
+        result = storescu(server, sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[0])
+        assert result.returncode == 0, result.stderr
+        assert server.counters.stored == 1
+    finally:
+        server.stop()
+    assert server.counters.refused_connections == {"association_limit": 1}
+    (line,) = [r.getMessage() for r in caplog.records if "slots busy" in r.getMessage()]
+    assert line.startswith("rejected association from 127.0.0.1 (AE STORESCU): all 1 association")
+
+
+def test_noise_on_a_connection_is_one_warning_naming_the_peer(
+    scp: StorageSCP, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """64 KB of random bytes: one WARNING for the association, no traceback, nothing on stderr."""
+    caplog.set_level(logging.DEBUG)
+    noise = random.Random(64).randbytes(65536)
+    with socket.create_connection(("127.0.0.1", scp.settings.port), timeout=10) as sock:
+        try:
+            sock.sendall(noise)
+            answer = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""  # closed by the node
+        assert answer[:1] in (b"\x07", b"")  # A-ABORT (PS3.8 9.3.8), then we hang up
+    deadline = time.monotonic() + 5
+    while scp.gate.counts() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    assert loud[0].getMessage().startswith("association with 127.0.0.1: ")
+    assert not [r for r in caplog.records if r.exc_info]
+    assert "Traceback" not in capfd.readouterr().err
+    assert send(scp, encode(instance())) == (status.SUCCESS, "")
