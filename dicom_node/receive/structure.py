@@ -10,7 +10,7 @@ from pydicom.uid import UID
 from dicom_node import status
 from dicom_node.errors import RejectedInstance
 
-__all__ = ["check_structure", "expected_pixel_bytes"]
+__all__ = ["check_structure", "data_set_offset", "expected_pixel_bytes"]
 
 #: A length of 0xFFFFFFFF: the value ends with a delimiter (PS3.5 7.1.1).
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -86,7 +86,7 @@ class _Walker:
             return tag, vr, self._u16.unpack_from(self.data, pos + 6)[0], pos + 8
         if vr in _LONG_VRS:
             if end - pos < 12:
-                raise _refuse(f"{_tag_text(tag)} at offset {pos} is cut off")
+                raise _refuse(f"truncated: {_tag_text(tag)} at offset {pos} is cut off")
             return tag, vr, self._u32.unpack_from(self.data, pos + 8)[0], pos + 12
         raise _refuse(f"{_tag_text(tag)} at offset {pos}: no valid VR ({vr.hex(' ')}), "
                       f"not explicit {'LE' if self.little_endian else 'BE'}")
@@ -143,7 +143,7 @@ class _Walker:
             return self.walk_sequence(value, end, depth=depth + 1)
         stop = value + length
         if stop > end:
-            raise _refuse(f"{_tag_text(tag)} length {length} exceeds the {end - value} bytes left")
+            raise _refuse(f"truncated: {_tag_text(tag)} length {length}, {end - value} bytes left")
         if top and tag in _IMAGE_TAGS:
             self.image_values[tag] = bytes(self.data[value:stop])
         return stop
@@ -161,8 +161,7 @@ class _Walker:
             if length == UNDEFINED_LENGTH:
                 pos = self.walk_data_set(value, end, depth=depth, until_delimiter=True)
             elif value + length > end:
-                raise _refuse(f"item at {pos}: length {length} exceeds the "
-                              f"{end - value} bytes left")
+                raise _refuse(f"truncated: item at {pos} length {length}, {end - value} bytes left")
             else:
                 pos = self.walk_data_set(value, value + length, depth=depth, until_delimiter=False)
 
@@ -182,7 +181,7 @@ class _Walker:
             if length == UNDEFINED_LENGTH:
                 raise _refuse(f"pixel data fragment at offset {pos} has an undefined length")
             if value + length > end:
-                raise _refuse(f"fragment at {pos}: length {length} exceeds the "
+                raise _refuse(f"truncated: fragment at {pos} length {length}, "
                               f"{end - value} bytes left")
             if fragments == 0 and length % 4:
                 raise _refuse(f"basic offset table is {length} bytes, not a multiple of 4")
@@ -291,3 +290,19 @@ def check_structure(data: bytes | memoryview, transfer_syntax: UID,
             raise _refuse("Pixel Data is native but the transfer syntax is encapsulated")
         return
     _check_native_pixels(walker)
+
+
+def data_set_offset(part10: bytes | memoryview) -> int:
+    """Return where the data set of a Part 10 file starts: after the preamble, "DICM" and the
+    file meta information group (0002), which is always explicit VR little endian (PS3.10 7.1).
+    """
+    pos = 132 if bytes(part10[128:132]) == b"DICM" else 0
+    while len(part10) - pos >= 8 and struct.unpack_from("<H", part10, pos)[0] == 0x0002:
+        vr = bytes(part10[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if len(part10) - pos < 12:
+                break
+            pos += 12 + struct.unpack_from("<I", part10, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", part10, pos + 6)[0]
+    return pos

@@ -110,7 +110,7 @@ def test_pixel_data_declaring_200_mb_with_1_kb_sent_is_refused() -> None:
     cut = pixel_offset(data)
     bad = data[:cut] + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", 200_000_000) + bytes(1024)
     assert refusal(bad, ExplicitVRLittleEndian) == (
-        "(7FE0,0010) length 200000000 exceeds the 1024 bytes left")
+        "truncated: (7FE0,0010) length 200000000, 1024 bytes left")
 
 
 def test_random_bytes_after_the_pixel_data_are_refused() -> None:
