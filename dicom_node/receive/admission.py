@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: pynetdicom's DUL loop sleeps this long between polls of a pending connection's socket: a
 #: request waits at most this long to be read, and 64 silent peers cost about 3,000 wake-ups a
 #: second instead of 64,000 (pynetdicom's 1 ms).
-PENDING_LOOP_DELAY_S = 0.02
+PENDING_LOOP_DELAY_S = 0.05
 
 #: pynetdicom's own timeouts on a pending connection (socket read, ACSE) fire this much later
 #: than the gate's check, which runs at least every second: they are backstops, and a

@@ -263,6 +263,11 @@ class StorageSCP:
         )
         if server is None:
             raise RuntimeError("pynetdicom did not return a server")
+        # socketserver listens with a backlog of 5: a burst of connections beyond it (20 senders
+        # at once, or silent peers) waits out a 1 s SYN retransmission each; listen() again
+        # raises it (Linux updates the backlog of a listening socket).
+        if server.socket is not None:
+            server.socket.listen(self.settings.max_pending_connections)
         self._server = server
         self._stopping.clear()
         self._watchdog = threading.Thread(target=self._close_stalled_requests,

@@ -166,8 +166,10 @@ def test_stalled_and_idle_connections_never_keep_a_sender_out(
     timeout_s = 3.0
     server = make_scp(tmp_path, association_request_timeout_s=timeout_s)  # default limits
     server.start()
+    opening = time.monotonic()
     socks = hang(server.settings.port, six_bytes=16, idle=50)
     try:
+        assert time.monotonic() - opening < 1.0  # accepted at once, none left in the backlog
         time.sleep(0.5)  # all accepted and waiting
         cpu_started, wall_started = time.process_time(), time.monotonic()
         time.sleep(1.5)
