@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium python3-venv)
+DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium python3-venv openssl)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -30,8 +30,8 @@ __all__ = ["AdmissionGate", "RateLimitedLog", "calling_ae_title"]
 logger = logging.getLogger(__name__)
 
 #: pynetdicom's DUL loop sleeps this long between polls of a pending connection's socket: a
-#: request waits at most this long to be read, and 64 silent peers cost about 3,000 wake-ups a
-#: second instead of 64,000 (pynetdicom's 1 ms).
+#: request waits at most this long to be read, and 64 silent peers cost about 1,300 wake-ups a
+#: second instead of 64,000 (pynetdicom's 1 ms); 66 of them measured 4-5% of a core.
 PENDING_LOOP_DELAY_S = 0.05
 
 #: pynetdicom's own timeouts on a pending connection (socket read, ACSE) fire this much later

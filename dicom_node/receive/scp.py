@@ -37,6 +37,7 @@ from dicom_node.receive.association import (
     SOURCE_SERVICE_USER,
     disable_nagle,
     send_reject,
+    server_tls_context,
 )
 from dicom_node.receive.admission import BACKSTOP_S, AdmissionGate, calling_ae_title
 from dicom_node.receive.ingest import identify, persist, raw_uid, series_attributes
@@ -258,8 +259,10 @@ class StorageSCP:
         ae = self.build_ae()
         self._ae = ae
         self._peer_errors.install()
+        tls = self.settings.tls
         server = ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            ssl_context=server_tls_context(tls) if tls is not None else None,
         )
         if server is None:
             raise RuntimeError("pynetdicom did not return a server")
@@ -274,7 +277,8 @@ class StorageSCP:
                                           name="association-request-watchdog", daemon=True)
         self._watchdog.start()
         host, port = server.server_address[:2]
-        logger.info("Storage SCP %s listening on %s:%d", self.settings.ae_title, host, port)
+        logger.info("Storage SCP %s listening on %s:%d%s", self.settings.ae_title, host, port,
+                    " (DICOM TLS)" if tls is not None else "")
         return str(host), int(port)
 
     def stop(self) -> None:

@@ -105,7 +105,7 @@ class Node:
         if self.config.api.enabled:
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
                              live_figures=self._live_figures, render_metrics=self.metrics.render)
-            self.api = ApiServer(app, self.config.api)
+            self.api = ApiServer(app, self.config.api, self.config.node.tls)
             host, port = self.api.start()
             logger.info("HTTP API and status page on http://%s:%d/", host, port)
         if self.config.watch.dir is not None:
