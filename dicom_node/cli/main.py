@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import logging
 import signal
 import sys
 import warnings
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
 from dicom_node.cli.ledger_commands import cmd_retry, cmd_status
-from dicom_node.config import NodeSettings, dump_toml, parse_destination
+from dicom_node.config import NodeConfig, NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
@@ -103,11 +104,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_tls_files(config: NodeConfig) -> None:
+    """Load every TLS certificate and key the configuration names, as serving and sending will.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key whose file is not PEM, or whose key does not match its certificate.
+    """
+    import ssl
+
+    from dicom_node.receive.association import client_tls_context, server_tls_context
+
+    checks: list[tuple[str, Callable[[], object]]] = []
+    if config.node.tls is not None:
+        checks.append(("node.tls", partial(server_tls_context, config.node.tls)))
+    for name, destination in config.destinations.items():
+        if destination.tls:
+            checks.append((f"destinations.{name}", partial(client_tls_context, destination)))
+    for key, build in checks:
+        try:
+            build()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{key}: the TLS files cannot be used: {exc}") from exc
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.run.plugins import create_analyses
 
     config = config_from_args(args)
     create_analyses(config.analyses)
+    check_tls_files(config)
     print(dump_toml(config.model_dump(mode="json")), end="")
     return 0
 
