@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: pynetdicom's DUL loop sleeps this long between polls of a pending connection's socket: a
 #: request waits at most this long to be read, and 64 silent peers cost about 1,300 wake-ups a
-#: second instead of 64,000 (pynetdicom's 1 ms); 66 of them measured 4-5% of a core.
+#: second instead of 64,000 (pynetdicom's 1 ms); 66 of them measured 4-8% of a core.
 PENDING_LOOP_DELAY_S = 0.05
 
 #: pynetdicom's own timeouts on a pending connection (socket read, ACSE) fire this much later
@@ -172,8 +172,8 @@ class AdmissionGate:
         if refuse:
             self.on_refused("address_limit")
             self.log.warning(f"address_limit:{address}",
-                             "refused connection from %s: %d associations from that address "
-                             "already (node.max_connections_per_address)",
+                             "refused connection from %s: already %d connection(s) from that "
+                             "address, all associated (node.max_connections_per_address)",
                              address, self.settings.max_connections_per_address)
             close_socket(assoc)
 

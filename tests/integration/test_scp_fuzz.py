@@ -21,7 +21,8 @@ from pynetdicom import AE
 from dicom_node import status
 from dicom_node.receive.scp import StorageSCP
 from tests.conftest import HIPPO_CROP_STUDY1
-from tests.integration.raw_association import EXPLICIT_LITTLE, IMPLICIT_LITTLE, store_raw
+from deploy.local.orthanc_process import wait_until
+from tests.integration.raw_association import EXPLICIT_LITTLE, IMPLICIT_LITTLE, RawAssociation, store_raw
 from tests.integration.test_receiver import make_scp, storescu
 
 pytestmark = pytest.mark.integration
@@ -163,14 +164,14 @@ def test_stalled_and_idle_connections_never_keep_a_sender_out(
     """16 six-byte connections and 50 idle sockets: a real sender is served at once, the node
     spends little CPU while they hang, and each is closed within the request timeout."""
     caplog.set_level(logging.WARNING)
-    timeout_s = 3.0
+    timeout_s = 5.0
     server = make_scp(tmp_path, association_request_timeout_s=timeout_s)  # default limits
     server.start()
     opening = time.monotonic()
     socks = hang(server.settings.port, six_bytes=16, idle=50)
     try:
         assert time.monotonic() - opening < 1.0  # accepted at once, none left in the backlog
-        time.sleep(0.5)  # all accepted and waiting
+        time.sleep(1.5)  # all accepted and their threads started
         cpu_started, wall_started = time.process_time(), time.monotonic()
         time.sleep(1.5)
         cpu_share = (time.process_time() - cpu_started) / (time.monotonic() - wall_started)
@@ -182,6 +183,7 @@ def test_stalled_and_idle_connections_never_keep_a_sender_out(
         print(f"5 instances stored in {served_s:.2f} s while they hang")
         assert result.returncode == 0, result.stderr
         assert served_s < 2.0 and server.counters.stored == 5
+        assert time.monotonic() - opening < timeout_s  # served while every one of them was open
         for sock in socks:  # every one closed by the node, none later than the timeout allows
             assert sock.recv(1) == b""
         assert time.monotonic() - started < timeout_s + 2.0
@@ -249,3 +251,53 @@ def test_noise_on_a_connection_is_one_warning_naming_the_peer(
     assert not [r for r in caplog.records if r.exc_info]
     assert "Traceback" not in capfd.readouterr().err
     assert send(scp, encode(instance())) == (status.SUCCESS, "")
+
+
+def test_a_peer_that_stops_inside_a_pdu_is_dropped_after_the_network_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Associated, then a P-DATA-TF header announcing 1 MB and 10 bytes of it: the socket's read
+    timeout (``node.network_timeout_s``) ends the association, and its slot comes free."""
+    caplog.set_level(logging.WARNING)
+    server = make_scp(tmp_path, network_timeout_s=2.0, max_associations=1, association_wait_s=0)
+    server.start()
+    ds = instance()
+    try:
+        with RawAssociation("127.0.0.1", server.settings.port, timeout_s=10) as raw:
+            assert raw.associate(str(ds.SOPClassUID), EXPLICIT_LITTLE) == 0x02
+            raw.sock.sendall(struct.pack(">BBI", 0x04, 0, 1_000_000) + bytes(10))
+            started = time.monotonic()
+            while (pdu := raw.read_pdu()) is not None and pdu[0] != 0x07:
+                pass  # until the A-ABORT or the close
+            dropped_s = time.monotonic() - started
+        print(f"dropped {dropped_s:.1f} s after it stopped")
+        assert 1.5 <= dropped_s < 5.0
+        wait_until(lambda: server.gate.counts() == (0, 0) or None, deadline_s=5, what="slot freed")
+        assert send(server, encode(ds), ds=ds) == (status.SUCCESS, "")
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_connections_beyond_the_per_address_cap_are_refused_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = make_scp(tmp_path, max_connections_per_address=1)
+    server.start()
+    ds = instance()
+    try:
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(ds.SOPClassUID, EXPLICIT_LITTLE)
+        assoc = holder.associate("127.0.0.1", server.settings.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        with socket.create_connection(("127.0.0.1", server.settings.port), timeout=5) as extra:
+            assert extra.recv(1) == b""  # closed at once: the address's one connection is in use
+        assoc.release()
+        assert send(server, encode(ds), ds=ds) == (status.SUCCESS, "")
+    finally:
+        server.stop()
+    assert server.counters.refused_connections == {"address_limit": 1}
+    (line,) = [r.getMessage() for r in caplog.records if "refused connection" in r.getMessage()]
+    assert line == ("refused connection from 127.0.0.1: already 1 connection(s) from that address, "
+                    "all associated (node.max_connections_per_address)")
