@@ -27,7 +27,9 @@ def main() -> int:
     scp = StorageSCP(NodeSettings(ae_title="NOOPSCP", host="127.0.0.1", port=port),
                      spool=None, ledger=None)  # type: ignore[arg-type]
     ae = scp.build_ae()
-    handlers = [(evt.EVT_C_STORE, lambda event: status.SUCCESS), (evt.EVT_CONN_OPEN, scp.handle_conn_open)]
+    handlers = [(evt.EVT_C_STORE, lambda event: status.SUCCESS), (evt.EVT_CONN_OPEN, scp.handle_conn_open),
+                (evt.EVT_REQUESTED, scp.handle_requested), (evt.EVT_ACCEPTED, scp.handle_accepted),
+                (evt.EVT_CONN_CLOSE, scp.handle_association_ended)]
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,10 +1,15 @@
 """Receive throughput of the node's Storage SCP against DCMTK storescp and Orthanc, same files, same sender.
 
 Prints MB/s per receiver and the node's ratios against the references measured in the same run.
-A fourth receiver, pynetdicom-noop (benchmarks/noop_scp.py), answers every C-STORE without
-storing anything: the ceiling of any pynetdicom-based SCP here. Not part of the test suite. Run from the repository root:
+pynetdicom-noop (benchmarks/noop_scp.py) answers every C-STORE without storing anything: the
+ceiling of any pynetdicom-based SCP here. node-scp, node-scp-nocheck and node-scp-tls
+(benchmarks/scp_receiver.py) run the node's Storage SCP alone: as shipped, without the structural
+completeness check, and over DICOM TLS (certificates made with openssl, storescu +tls), so the
+cost of the check and of TLS are measured in the same run. Not part of the test suite. Run from
+the repository root:
 
     .venv/bin/python -m benchmarks.receive_throughput [--repeats 3] [--ct-slices 300]
+        [--receivers dicom-node,storescp,orthanc,pynetdicom-noop,node-scp,node-scp-nocheck,node-scp-tls]
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def make_mr_studies(folder: Path, copies: int) -> list[Path]:
     return paths
 
 
-def send(files: Sequence[Path], port: int, called: str, associations: int) -> float:
+def send(files: Sequence[Path], port: int, called: str, associations: int,
+         extra_args: Sequence[str] = ()) -> float:
     """storescu ``files`` split over ``associations`` parallel processes; return seconds."""
     chunks = [list(files[i::associations]) for i in range(associations)]
     lists = []
@@ -80,7 +86,8 @@ def send(files: Sequence[Path], port: int, called: str, associations: int) -> fl
 
     def run(listing: Path) -> None:
         files_here = listing.read_text().split("\n")
-        subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *files_here],
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, *extra_args, "127.0.0.1", str(port),
+                        *files_here],
                        check=True, capture_output=True, env={**os.environ, **DCMTK_ENV})
 
     start = time.perf_counter()
@@ -93,12 +100,14 @@ def send(files: Sequence[Path], port: int, called: str, associations: int) -> fl
 
 
 class Receiver:
-    def __init__(self, name: str, called: str, start: Callable[[Path], int], stop: Callable[[], None]):
+    def __init__(self, name: str, called: str, start: Callable[[Path], int], stop: Callable[[], None],
+                 send_args: Sequence[str] = ()):
         self.name, self.called, self.start, self.stop = name, called, start, stop
+        self.send_args = list(send_args)
 
 
 def process_receiver(name: str, called: str, command: Callable[[Path, int], list[str]],
-                     ready_s: float, cwd: Path | None = None) -> Receiver:
+                     ready_s: float, cwd: Path | None = None, send_args: Sequence[str] = ()) -> Receiver:
     """A receiver run as one process listening on a free port, terminated after each round."""
     state: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -114,7 +123,7 @@ def process_receiver(name: str, called: str, command: Callable[[Path, int], list
         state["p"].terminate()
         state["p"].wait()
 
-    return Receiver(name, called, start, stop)
+    return Receiver(name, called, start, stop, send_args)
 
 
 def storescp_receiver() -> Receiver:
@@ -158,11 +167,72 @@ def node_receiver() -> Receiver:
     return Receiver("dicom-node", "DICOMNODE", start, lambda: state["n"].stop())
 
 
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and the server and client certificates it signs (PEM), made with openssl."""
+    folder.mkdir(parents=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=benchmark CA")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "1")
+    return {path.name: path for path in folder.iterdir()}
+
+
+def scp_receivers(certs: dict[str, Path]) -> list[Receiver]:
+    """The node's Storage SCP alone: as shipped, without the completeness check, over TLS."""
+    def command(*flags: str) -> Callable[[Path, int], list[str]]:
+        return lambda work, port: [sys.executable, "-m", "benchmarks.scp_receiver", str(port), str(work),
+                                   *flags]
+
+    tls_flags = (str(certs["server.pem"]), str(certs["server.key"]), str(certs["ca.pem"]))
+    storescu_tls = ("+tls", str(certs["client.key"]), str(certs["client.pem"]), "+cf", str(certs["ca.pem"]))
+    return [
+        process_receiver("node-scp", "NODESCP", command(), ready_s=30, cwd=REPO),
+        process_receiver("node-scp-nocheck", "NODESCP", command("--no-structure-check"), ready_s=30, cwd=REPO),
+        process_receiver("node-scp-tls", "NODESCP", command("--tls", *tls_flags), ready_s=30, cwd=REPO,
+                         send_args=storescu_tls),
+    ]
+
+
+def check_rate(files: Sequence[Path]) -> float:
+    """MB/s of the node's structural check over the data sets of ``files``, read beforehand."""
+    from pydicom.uid import UID
+
+    from dicom_node.receive.structure import check_structure, data_set_offset
+
+    blobs = []
+    for path in files:
+        data = path.read_bytes()
+        syntax = UID(str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+        blobs.append((memoryview(data)[data_set_offset(data):], syntax))
+    start = time.perf_counter()
+    for data, syntax in blobs:
+        check_structure(data, syntax)
+    return sum(len(data) for data, _ in blobs) / 1e6 / (time.perf_counter() - start)
+
+
+#: (label, numerator, denominator) of the ratios printed when both receivers ran.
+RATIOS = (
+    ("node/storescp", "dicom-node", "storescp"),
+    ("node/orthanc", "dicom-node", "orthanc"),
+    ("noop/storescp", "pynetdicom-noop", "storescp"),
+    ("check/nocheck", "node-scp", "node-scp-nocheck"),
+    ("tls/clear", "node-scp-tls", "node-scp"),
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ct-slices", type=int, default=300)
     parser.add_argument("--mr-copies", type=int, default=4)
+    parser.add_argument("--receivers", default="", help="comma-separated names (default: all)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dicom-node-bench-") as tmp:
         root = Path(tmp)
@@ -170,34 +240,41 @@ def main() -> int:
             f"CT {args.ct_slices}x512x512": make_ct(root / "ct", args.ct_slices),
             f"MR studies x{args.mr_copies}": make_mr_studies(root / "mr", args.mr_copies),
         }
-        receivers = [node_receiver(), storescp_receiver(), orthanc_receiver(), noop_receiver()]
-        print(f"{'files':<22} {'assoc':>5} " + " ".join(f"{r.name:>15}" for r in receivers)
-              + "   node/storescp  node/orthanc  noop/storescp   (MB/s, median of %d)" % args.repeats)
+        for label, files in datasets.items():
+            print(f"{label}: structural check alone {check_rate(files):.0f} MB/s (in process, files cached)")
+        receivers = [node_receiver(), storescp_receiver(), orthanc_receiver(), noop_receiver(),
+                     *scp_receivers(make_certificates(root / "certs"))]
+        if args.receivers:
+            chosen = args.receivers.split(",")
+            receivers = [r for r in receivers if r.name in chosen]
+        names = {r.name for r in receivers}
+        ratios_here = [(label, a, b) for label, a, b in RATIOS if a in names and b in names]
+        print(f"{'files':<22} {'assoc':>5} " + " ".join(f"{r.name:>16}" for r in receivers) + "   "
+              + " ".join(f"{label:>13}" for label, _, _ in ratios_here)
+              + f"   (MB/s, median of {args.repeats})")
         for label, files in datasets.items():
             megabytes = sum(p.stat().st_size for p in files) / 1e6
             for associations in (1, 4):
                 rates: dict[str, list[float]] = {r.name: [] for r in receivers}
-                ratios: dict[str, list[float]] = {"storescp": [], "orthanc": [], "noop": []}
+                ratios: dict[str, list[float]] = {name: [] for name, _, _ in ratios_here}
                 for repeat in range(args.repeats):
                     round_rates = {}
                     for receiver in receivers:  # interleaved, so drift hits all alike
                         work = root / f"run-{receiver.name}-{associations}-{repeat}-{label[:2]}"
                         port = receiver.start(work)
                         try:
-                            seconds = send(files, port, receiver.called, associations)
+                            seconds = send(files, port, receiver.called, associations, receiver.send_args)
                         finally:
                             receiver.stop()
                             shutil.rmtree(work, ignore_errors=True)
                         round_rates[receiver.name] = megabytes / seconds
                         rates[receiver.name].append(megabytes / seconds)
-                    ratios["storescp"].append(round_rates["dicom-node"] / round_rates["storescp"])
-                    ratios["orthanc"].append(round_rates["dicom-node"] / round_rates["orthanc"])
-                    ratios["noop"].append(round_rates["pynetdicom-noop"] / round_rates["storescp"])
+                    for name, numerator, denominator in ratios_here:
+                        ratios[name].append(round_rates[numerator] / round_rates[denominator])
                 print(f"{label:<22} {associations:>5} "
-                      + " ".join(f"{statistics.median(rates[r.name]):>15.1f}" for r in receivers)
-                      + f"   {statistics.median(ratios['storescp']):>13.2f}"
-                      f"  {statistics.median(ratios['orthanc']):>12.2f}"
-                      f"  {statistics.median(ratios['noop']):>13.2f}", flush=True)
+                      + " ".join(f"{statistics.median(rates[r.name]):>16.1f}" for r in receivers) + "   "
+                      + " ".join(f"{statistics.median(ratios[name]):>13.2f}" for name, _, _ in ratios_here),
+                      flush=True)
     return 0
 
 

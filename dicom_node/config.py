@@ -53,6 +53,31 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class TlsSettings(_Frozen):
+    """DICOM TLS (PS3.15 B.1, TLS 1.2 or later): PEM files of our certificate, its key, and the
+    certificate authorities we trust for peers."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @field_validator("certificate", "private_key", "ca_certificates")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to check them against")
+        return self
+
+
 class NodeSettings(_Frozen):
     """The Storage SCP: who we are and whom we accept."""
 
@@ -65,10 +90,21 @@ class NodeSettings(_Frozen):
     allowed_addresses: tuple[str, ...] = ()
     max_pdu_bytes: Annotated[int, Field(ge=4096, le=2**24)] = 131072
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    association_request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 32
+    association_wait_s: Annotated[float, Field(ge=0, le=60)] = 5.0
+    max_pending_connections: Annotated[int, Field(ge=1, le=1024)] = 64
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1024)] = 48
     min_free_disk_bytes: Annotated[int, Field(ge=0)] = 500_000_000
     fsync: bool = True
     retention_days: Annotated[float, Field(ge=0)] = 7.0
+    tls: TlsSettings | None = None
+
+    @model_validator(mode="after")
+    def _tls_serves_with_a_certificate(self) -> NodeSettings:
+        if self.tls is not None and self.tls.certificate is None:
+            raise ValueError("tls: the Storage SCP and the HTTP API need a certificate and private_key")
+        return self
 
 
 class GroupingSettings(_Frozen):
@@ -122,6 +158,34 @@ class Destination(_Frozen):
     host: str
     port: Port
     calling_ae_title: AETitle | None = None
+    #: DICOM TLS to this peer; certificate, private_key and ca_certificates default to node.tls's.
+    tls: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    #: Names the peer's certificate may carry (default: the host name we connect to).
+    allowed_peer_names: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _tls_keys_go_together(self) -> Destination:
+        for key in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: file {str(path)!r} does not exist")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+    def with_tls_defaults(self, tls: TlsSettings | None) -> Destination:
+        """Return this destination with node.tls's files where it sets none of its own."""
+        if not self.tls or tls is None:
+            return self
+        update: dict[str, Any] = {}
+        if self.certificate is None and tls.certificate is not None:
+            update.update(certificate=tls.certificate, private_key=tls.private_key)
+        if self.ca_certificates is None:
+            update["ca_certificates"] = tls.ca_certificates
+        return self.model_copy(update=update)
 
 
 class SourceSettings(_Frozen):
@@ -449,6 +513,17 @@ class NodeConfig(_Frozen):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _tls_destinations_complete(self) -> NodeConfig:
+        resolved = {name: dest.with_tls_defaults(self.node.tls) for name, dest in self.destinations.items()}
+        for name, dest in resolved.items():
+            if dest.tls and dest.ca_certificates is None:
+                raise ValueError(f"destinations.{name}.ca_certificates (or node.tls.ca_certificates) is "
+                                 "needed with tls = true, to check the peer's certificate")
+        if resolved != self.destinations:
+            object.__setattr__(self, "destinations", resolved)  # still validated, set once here
+        return self
+
     def destinations_for(self, analysis: str) -> tuple[str, ...]:
         """Return the names of the destinations that receive ``analysis`` results."""
         chosen = self.runnable()[analysis].destinations
@@ -518,18 +593,22 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_destination(text: str) -> tuple[str, dict[str, Any]]:
-    """Parse ``AET@HOST:PORT`` into a destination name and table.
+    """Parse ``AET@HOST:PORT`` (``+tls``: over DICOM TLS) into a destination name and table.
 
     Raises
     ------
     ConfigError
         If ``text`` is not of that form.
     """
-    match = re.fullmatch(r"([^@]+)@(.+):(\d+)", text)
+    match = re.fullmatch(r"([^@]+)@(.+):(\d+)(\+tls)?", text)
     if match is None:
-        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT, e.g. ORTHANC@pacs:4242")
-    ae_title, host, port = match.groups()
-    return ae_title.lower(), {"ae_title": ae_title, "host": host, "port": int(port)}
+        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT or AET@HOST:PORT+tls, "
+                          "e.g. ORTHANC@pacs:4242")
+    ae_title, host, port, tls = match.groups()
+    table: dict[str, Any] = {"ae_title": ae_title, "host": host, "port": int(port)}
+    if tls:
+        table["tls"] = True
+    return ae_title.lower(), table
 
 
 ResultKind = Literal["seg", "sc", "sr"]

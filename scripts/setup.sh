@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium python3-venv)
+DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium python3-venv openssl)
 # The tests start throwaway PostgreSQL clusters of their own (initdb + pg_ctl on free ports) to
 # test the scaled-out ledger; the single-box node itself needs no PostgreSQL.
 [ "${1:-}" = "--test" ] && DEBIAN_PACKAGES+=(postgresql)

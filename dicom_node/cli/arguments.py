@@ -15,8 +15,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="DICOM port to listen on (node.port)")
     parser.add_argument("--data-dir", type=Path, help="spool, ledger and results (node.data_dir)")
     parser.add_argument(
-        "--destination", action="append", default=[], metavar="AET@HOST:PORT",
-        help="send results there (repeatable; adds to [destinations])",
+        "--destination", action="append", default=[], metavar="AET@HOST:PORT[+tls]",
+        help="send results there, +tls over DICOM TLS with node.tls's files (repeatable; adds to "
+             "[destinations])",
     )
 
 

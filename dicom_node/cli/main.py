@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import logging
 import signal
 import sys
+import warnings
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
@@ -78,6 +80,10 @@ def _configure_logging(verbose: bool) -> None:
     )
     for noisy in ("pynetdicom", "PIL", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom logs each of its warnings to its own logger as well (misc.warn_and_log): the
+    # second, raw copy on stderr would only repeat it without time or source.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    logging.captureWarnings(True)  # any other warning goes through the log, with its time
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,6 +111,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = QueueWorker(config, args.device, config.node.data_dir)
     worker.serve()
     return 0
+def check_tls_files(config: NodeConfig) -> None:
+    """Load every TLS certificate and key the configuration names, as serving and sending will.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key whose file is not PEM, or whose key does not match its certificate.
+    """
+    import ssl
+
+    from dicom_node.receive.association import client_tls_context, server_tls_context
+
+    checks: list[tuple[str, Callable[[], object]]] = []
+    if config.node.tls is not None:
+        checks.append(("node.tls", partial(server_tls_context, config.node.tls)))
+    for name, destination in config.destinations.items():
+        if destination.tls:
+            checks.append((f"destinations.{name}", partial(client_tls_context, destination)))
+    for key, build in checks:
+        try:
+            build()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{key}: the TLS files cannot be used: {exc}") from exc
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -112,6 +141,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     create_analyses(config.analyses)
+    check_tls_files(config)
     print(dump_toml(config.model_dump(mode="json")), end="")
     # a source that does not answer is reported, not refused: the node falls back to the
     # quiet period for it, and a PACS restarting must not keep the node from starting

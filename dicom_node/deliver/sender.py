@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,13 +11,48 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from dicom_node import status
 from dicom_node.config import Destination
 from dicom_node.errors import DeliveryFailed
-from dicom_node.receive.association import REJECTED_PERMANENT, disable_nagle
+from dicom_node.receive.association import (
+    REJECTED_PERMANENT,
+    client_tls_context,
+    disable_nagle,
+    peer_names,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def associate(ae: AE, destination: Destination) -> Association:
+    """Request an association with ``destination``, over DICOM TLS when it says ``tls = true``.
+
+    Raises
+    ------
+    DeliveryFailed
+        ``retryable=False`` when the peer's certificate carries none of ``allowed_peer_names``.
+    """
+    if not destination.tls:
+        return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                            evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)])
+    context = client_tls_context(destination)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
+                         tls_args=(context, destination.host))
+    if assoc.is_established and destination.allowed_peer_names:
+        transport = assoc.dul.socket
+        sock = transport.socket if transport is not None else None
+        certificate = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        names = peer_names(dict(certificate or {}))
+        if not names & set(destination.allowed_peer_names):
+            assoc.abort()
+            raise DeliveryFailed(
+                f"{destination.ae_title}@{destination.host}:{destination.port} presented a "
+                f"certificate for {', '.join(sorted(names)) or 'no name'}, not one of "
+                f"allowed_peer_names", retryable=False)
+    return assoc
 
 
 def send_files(
@@ -56,10 +92,7 @@ def send_files(
         raise DeliveryFailed("more than 128 SOP class/transfer syntax pairs", retryable=False)
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
-    )
+    assoc = associate(ae, destination)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if assoc.is_rejected:
         answer = assoc.acceptor.primitive
@@ -100,7 +133,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 
     ae = AE(ae_title=destination.calling_ae_title or calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = associate(ae, destination)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if not assoc.is_established:
         raise DeliveryFailed(f"cannot associate with {where}", retryable=True)

@@ -1,10 +1,16 @@
-"""Association details the Storage SCP and the sender share: A-ASSOCIATE-RJ codes and TCP set-up."""
+"""Association details the Storage SCP and the sender share: A-ASSOCIATE-RJ codes, TCP and TLS set-up."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+import time
+from typing import Any
 
+from pynetdicom.association import Association
 from pynetdicom.events import Event
+
+from dicom_node.config import Destination, TlsSettings
 
 #: A-ASSOCIATE-RJ Result (PS3.8 9.3.4): trying again will not help.
 REJECTED_PERMANENT = 0x01
@@ -14,6 +20,10 @@ REJECTED_TRANSIENT = 0x02
 SOURCE_SERVICE_USER = 0x01
 #: A-ASSOCIATE-RJ Reason/Diagnostic for source service-user: no reason given.
 NO_REASON_GIVEN = 0x01
+#: A-ASSOCIATE-RJ Source: the service provider, presentation related function.
+SOURCE_PROVIDER_PRESENTATION = 0x03
+#: A-ASSOCIATE-RJ Reason/Diagnostic for that source: local limit exceeded.
+LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 def disable_nagle(event: Event) -> None:
@@ -30,3 +40,77 @@ def disable_nagle(event: Event) -> None:
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_reject(assoc: Association, result: int, source: int, diagnostic: int,
+                *, timeout_s: float = 2.0) -> None:
+    """Reject an association from an ``EVT_REQUESTED`` handler and wait until the RJ is sent.
+
+    pynetdicom shuts the socket down as soon as the handler returns; its DUL thread sends the
+    A-ASSOCIATE-RJ on its next loop, often too late, and the peer sees a bare close ("peer
+    aborted") instead of the reason. Waiting for the state machine's Sta13 (awaiting transport
+    close, entered after AE-8 sent the RJ, PS3.8 9.2) closes that race.
+    """
+    assoc.dul._run_loop_delay = 0.0001
+    assoc.acse.send_reject(result, source, diagnostic)
+    deadline = time.monotonic() + timeout_s
+    while assoc.dul.state_machine.current_state != "Sta13" and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+class _LazyHandshakeContext(ssl.SSLContext):
+    """An SSL context whose server sockets shake hands on first read, not in ``accept``.
+
+    pynetdicom wraps each accepted socket in the thread that accepts connections; with the
+    default handshake-on-connect, one peer that opens a TLS port and says nothing would stop
+    every other connection from being accepted. Deferred, the handshake runs in the
+    connection's own thread, under its read timeout.
+    """
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if kwargs.get("server_side"):
+            kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Return the TLS context of the Storage SCP (and the HTTP API): TLS 1.2 or later.
+
+    Raises
+    ------
+    ssl.SSLError, OSError
+        A file is unreadable, or the key does not match the certificate.
+    """
+    context = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certificate is None or tls.private_key is None:
+        raise ValueError("node.tls needs certificate and private_key to serve")
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(tls.ca_certificates)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else (
+        ssl.CERT_OPTIONAL if tls.ca_certificates is not None else ssl.CERT_NONE)
+    return context
+
+
+def client_tls_context(destination: Destination) -> ssl.SSLContext:
+    """Return the TLS context for sending to ``destination``: TLS 1.2 or later, the peer's
+    certificate checked against ``ca_certificates`` and, unless ``allowed_peer_names`` is set
+    (then checked after the handshake, :func:`check_peer_name`), against the host name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if destination.ca_certificates is not None:
+        context.load_verify_locations(destination.ca_certificates)
+    if destination.certificate is not None and destination.private_key is not None:
+        context.load_cert_chain(destination.certificate, destination.private_key)
+    context.check_hostname = not destination.allowed_peer_names
+    return context
+
+
+def peer_names(certificate: dict[str, Any]) -> set[str]:
+    """Return the DNS names and IP addresses of a certificate (``getpeercert()``), and its CN."""
+    names = {str(value) for kind, value in certificate.get("subjectAltName", ())
+             if kind in ("DNS", "IP Address")}
+    for rdn in certificate.get("subject", ()):
+        names.update(str(value) for key, value in rdn if key == "commonName")
+    return names

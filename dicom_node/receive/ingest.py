@@ -25,11 +25,9 @@ from dicom_node.state.ledger import Ledger
 from dicom_node.receive.files import iter_files
 from inference.base import join_values
 from dicom_node.receive.spool import Spool, is_valid_uid
+from dicom_node.receive.structure import check_structure, data_set_offset
 
 logger = logging.getLogger(__name__)
-
-#: (FFFE,E0DD) Sequence Delimitation Item with length 0: the end of encapsulated pixel data.
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def raw_uid(ds: Dataset, keyword: str) -> str:
@@ -181,50 +179,6 @@ def _sha256(parts: tuple[bytes | memoryview, ...]) -> str:
     return digest.hexdigest()
 
 
-def check_complete(ds: Dataset, data: bytes) -> None:
-    """Refuse a file whose pixel data is cut short (still being written, or a broken copy).
-
-    Native pixel data must be as long as Rows x Columns x samples x bits x frames says;
-    encapsulated pixel data must end with its sequence delimiter (PS3.5 A.4).
-
-    Raises
-    ------
-    RejectedInstance
-        ``CANNOT_UNDERSTAND`` naming how much is missing.
-    """
-    if "PixelData" not in ds:
-        return
-    if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_compressed:
-        if _SEQUENCE_DELIMITER not in data[-4096:]:
-            raise RejectedInstance(status.CANNOT_UNDERSTAND,
-                                   "encapsulated pixel data has no sequence delimiter (truncated)")
-        return
-    try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"image attributes missing: {exc}") from exc
-    found = len(ds.PixelData)
-    if found < expected:
-        raise RejectedInstance(status.CANNOT_UNDERSTAND,
-                               f"pixel data is {found} bytes, {expected} expected (truncated)")
-
-
-def read_part10(path: Path) -> tuple[Dataset, bytes]:
-    """Read a DICOM Part 10 file: its data set (pixel data as bytes, not decoded) and raw bytes.
-
-    Raises
-    ------
-    RejectedInstance
-        ``CANNOT_UNDERSTAND`` if it is not a complete Part 10 file.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
-    return parse_part10(data), data
-
-
 def parse_part10(data: bytes) -> Dataset:
     """Parse a DICOM Part 10 file held in memory (pixel data as bytes, not decoded).
 
@@ -239,7 +193,9 @@ def parse_part10(data: bytes) -> Dataset:
         raise RejectedInstance(status.CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
     if not ds.file_meta.get("TransferSyntaxUID"):
         raise RejectedInstance(status.CANNOT_UNDERSTAND, "no TransferSyntaxUID in the file meta")
-    check_complete(ds, data)
+    # The same walk as for a C-STORE: one completeness check for every way in.
+    check_structure(memoryview(data)[data_set_offset(data):], ds.file_meta.TransferSyntaxUID,
+                    str(ds.file_meta.get("MediaStorageSOPClassUID", "")) or None)
     return ds
 
 

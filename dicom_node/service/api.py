@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dicom_node import __version__
-from dicom_node.config import ApiSettings
+from dicom_node.config import ApiSettings, TlsSettings
 from dicom_node.errors import InvalidJobRequest
 from dicom_node.service.transfer import add_transfer_routes
 from dicom_node.service.jobs import JobService, fleet_of
@@ -250,10 +251,17 @@ def create_app(
 class ApiServer:
     """uvicorn serving an application in a background thread; whoever starts it stops it."""
 
-    def __init__(self, app: FastAPI, settings: ApiSettings) -> None:
+    def __init__(self, app: FastAPI, settings: ApiSettings, tls: TlsSettings | None = None) -> None:
         self.settings = settings
+        # With node.tls the API serves HTTPS with the same certificate, CAs and client check.
+        tls_options: dict[str, Any] = {}
+        if tls is not None and tls.certificate is not None:
+            tls_options = {"ssl_certfile": str(tls.certificate), "ssl_keyfile": str(tls.private_key),
+                           "ssl_ca_certs": str(tls.ca_certificates) if tls.ca_certificates else None,
+                           "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_certificate
+                           else ssl.CERT_NONE}
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off", **tls_options)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

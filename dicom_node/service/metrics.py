@@ -50,12 +50,20 @@ class _LedgerCollector(Collector):
             "dicom_node_instances_rejected", "Instances refused since start, by way in and reason",
             labels=["origin", "reason"],
         )
+        refused = CounterMetricFamily(
+            "dicom_node_connections_refused",
+            "DICOM connections and associations refused or closed by the node since start, by reason "
+            "(association_limit, address_limit, pending_limit, request_timeout)", labels=["reason"],
+        )
         for origin, counters in self.receive_counters().items():
             received.add_metric([origin], counters.stored)
             for reason, count in dict(counters.rejected).items():
                 rejected.add_metric([origin, reason], count)
+            for reason, count in dict(counters.refused_connections).items():
+                refused.add_metric([reason], count)
         yield received
         yield rejected
+        yield refused
 
 
 def _fleet_metrics(ledger: Ledger) -> Iterator[Metric]:

@@ -129,7 +129,7 @@ class Node:
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
                              live_figures=self._live_figures, render_metrics=self.metrics.render,
                              results_dir=self.config.node.data_dir / "results" if self.queued else None)
-            self.api = ApiServer(app, self.config.api)
+            self.api = ApiServer(app, self.config.api, self.config.node.tls)
             host, port = self.api.start()
             logger.info("HTTP API and status page on http://%s:%d/", host, port)
         if self.config.watch.dir is not None:

@@ -210,3 +210,48 @@ def test_an_analysis_may_send_its_results_to_a_source_by_rest() -> None:
                                           " but \\[sources\\] has no 'archive' \\(pacs\\)"):
         build_config({"sources": sources,
                       "analyses": {"hippocampus": {"plugin": "hippocampus", "destinations": ["source:archive"]}}})
+def test_connection_limits_default_for_a_busy_pacs_and_name_the_key(tmp_path: Path) -> None:
+    node = build_config({}).node
+    assert node.max_associations >= 20  # a PACS flushing its queue opens many at once
+    assert node.max_connections_per_address >= node.max_associations
+    path = tmp_path / "node.toml"
+    path.write_text("[node]\nmax_pending_connections = 0\nassociation_wait_s = 90\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "node.max_pending_connections: Input should be greater than or equal to 1" in str(info.value)
+    assert "node.association_wait_s: Input should be less than or equal to 60" in str(info.value)
+
+
+def test_tls_keys_are_checked_and_destinations_take_the_node_files(tmp_path: Path) -> None:
+    for name in ("node.pem", "node.key", "ca.pem"):
+        (tmp_path / name).write_text("PEM\n")
+    node_tls = (f'[node.tls]\ncertificate = "{tmp_path / "node.pem"}"\n'
+                f'private_key = "{tmp_path / "node.key"}"\nca_certificates = "{tmp_path / "ca.pem"}"\n')
+    path = tmp_path / "node.toml"
+    path.write_text(node_tls + '[destinations.pacs]\nae_title = "PACS"\nhost = "pacs"\nport = 2762\n'
+                    'tls = true\nallowed_peer_names = ["pacs.example.org"]\n')
+    config = load_config(path)
+    pacs = config.destinations["pacs"]
+    assert pacs.tls and pacs.certificate == tmp_path / "node.pem"
+    assert pacs.ca_certificates == tmp_path / "ca.pem" and pacs.allowed_peer_names == ("pacs.example.org",)
+    cases = {
+        f'[node.tls]\ncertificate = "{tmp_path / "node.pem"}"\n':
+            "node.tls: certificate and private_key go together",
+        f'[node.tls]\ncertificate = "{tmp_path / "missing.pem"}"\nprivate_key = "{tmp_path / "node.key"}"\n':
+            f"node.tls.certificate: file '{tmp_path / 'missing.pem'}' does not exist",
+        '[node.tls]\nrequire_client_certificate = true\n':
+            "node.tls: require_client_certificate needs ca_certificates",
+        '[destinations.pacs]\nae_title = "PACS"\nhost = "pacs"\nport = 2762\ntls = true\n':
+            "destinations.pacs.ca_certificates (or node.tls.ca_certificates) is needed with tls = true",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert message in str(info.value), str(info.value)
+
+
+def test_destination_option_understands_tls() -> None:
+    assert parse_destination("ORTHANC@pacs:2762+tls") == (
+        "orthanc", {"ae_title": "ORTHANC", "host": "pacs", "port": 2762, "tls": True})
+    assert "tls" not in parse_destination("ORTHANC@pacs:4242")[1]

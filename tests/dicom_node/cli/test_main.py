@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -31,6 +32,26 @@ def test_check_config_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["check-config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "node.toml: workers.device: device 'gpu' is not one of" in err
+
+
+def test_check_config_loads_the_tls_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key",
+                    "-out", "node.pem", "-days", "1", "-subj", "/CN=node"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "broken.pem").write_text("not a certificate\n")
+    config = tmp_path / "node.toml"
+
+    def check(certificate: str) -> int:
+        config.write_text(f'[node.tls]\ncertificate = "{tmp_path / certificate}"\n'
+                          f'private_key = "{tmp_path / "node.key"}"\n'
+                          f'ca_certificates = "{tmp_path / "node.pem"}"\n')
+        return main(["check-config", "--config", str(config), "--destination", "PACS@pacs:2762+tls"])
+
+    assert check("node.pem") == 0
+    out = capsys.readouterr().out
+    assert "[node.tls]" in out and "tls = true" in out
+    assert check("broken.pem") == 2
+    assert "node.tls: the TLS files cannot be used: " in capsys.readouterr().err
 
 
 def test_status_shows_failures_and_retry_requeues(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

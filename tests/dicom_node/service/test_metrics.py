@@ -23,6 +23,8 @@ def test_metrics_parse_and_count(tmp_path: Path) -> None:
     counters = ReceiveCounters()
     counters.add_stored(10)
     counters.add_rejected("0xC000 cannot understand")
+    counters.add_refused_connection("association_limit")
+    counters.add_refused_connection("association_limit")
     metrics = NodeMetrics(ledger, lambda: {"dicom": counters})
     job = ledger.claim_next_job(4.0, ["a"])
     assert job is not None
@@ -43,3 +45,4 @@ def test_metrics_parse_and_count(tmp_path: Path) -> None:
     assert samples[("dicom_node_instances_received_total", (("origin", "dicom"),))] == 1
     assert samples[("dicom_node_instances_rejected_total",
                     (("origin", "dicom"), ("reason", "0xC000 cannot understand")))] == 1
+    assert samples[("dicom_node_connections_refused_total", (("reason", "association_limit"),))] == 2
