@@ -103,8 +103,11 @@ class Node:
         self.address = self.scp.start()
         self.delivery.start()
         if self.config.api.enabled:
+            jobs_root = self.config.api.jobs_folder(self.config.node.data_dir)
+            jobs_root.mkdir(parents=True, exist_ok=True)
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
-                             live_figures=self._live_figures, render_metrics=self.metrics.render)
+                             live_figures=self._live_figures, render_metrics=self.metrics.render,
+                             jobs_root=jobs_root)
             self.api = ApiServer(app, self.config.api)
             host, port = self.api.start()
             logger.info("HTTP API and status page on http://%s:%d/", host, port)
