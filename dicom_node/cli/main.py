@@ -80,7 +80,9 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_log_file(path: Path, *, max_bytes: int = 10_000_000, backup_count: int = 5, key: str = "node.log_file") -> None:
+def add_log_file(
+    path: Path, *, max_bytes: int = 10_000_000, backup_count: int = 5, key: str = "node.log_file",
+) -> None:
     """Log to ``path`` as well as stderr, rotated at ``max_bytes`` keeping ``backup_count`` old files.
 
     Parameters
