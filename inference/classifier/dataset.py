@@ -204,11 +204,12 @@ def _parse_labels(raw: list[Any], where: str) -> tuple[ClassificationLabel, ...]
     for index, entry in enumerate(raw):
         here = f"{where}: classification_labels[{index}]"
         if not isinstance(entry, dict):
-            raise DatasetError(f"{here}: must be an object with name, ordinal and values")
+            raise DatasetError(f"{here}: must be an object with name, values and optionally ordinal")
         name = _require(entry, "name", str, here)
         if name in RESERVED_KEYS or not name:
             raise DatasetError(f"{here}: field 'name': {name!r} is reserved or empty")
-        ordinal = _require(entry, "ordinal", bool, here)
+        # the AUC23 format has ``ordinal``, but its reference implementation ignores it: optional here
+        ordinal = _require(entry, "ordinal", bool, here) if "ordinal" in entry else False
         values = _require(entry, "values", dict, here)
         keys = _consecutive_keys(values, here, "values")
         if len(keys) < 2:
