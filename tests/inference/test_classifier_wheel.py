@@ -92,6 +92,9 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     # the AUC23 spelling: ``import universalclassifier``, from the wheel, with the same answer
     assert Path(result["uc_file"]).is_relative_to(venv), result["uc_file"]
     assert result["uc"] == result["p"]
+    for script_name in ("uc_plan_and_preprocess", "uc_train", "uc_predict"):  # console scripts of the wheel
+        shown = run([str(venv / "bin" / script_name), "--help"], cwd=tmp_path, env=env)
+        assert shown.stdout.startswith(f"usage: {script_name} ") and "DATA" in shown.stdout
 
 
 def test_universalclassifier_requirements_agree_with_the_project() -> None:
