@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from inference.classifier.dataset import task_roots
 from inference.classifier.demo_task import build_demo_task
 from offline.uc_commands import plan_and_preprocess_main, predict_main, train_main
 from tests.conftest import REPO, SHARED_DATA
@@ -56,3 +60,71 @@ def test_console_scripts_are_declared() -> None:
     assert scripts["uc_plan_and_preprocess"] == "offline.uc_commands:plan_and_preprocess_main"
     assert scripts["uc_train"] == "offline.uc_commands:train_main"
     assert scripts["uc_predict"] == "offline.uc_commands:predict_main"
+
+
+def _wrapper(name: str, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one of the original's shell wrappers as its users do, with this checkout's interpreter."""
+    environ = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(["sh", str(REPO / "scripts" / f"{name}.sh"), *map(str, args)], env=environ,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_nnunet_layout_through_the_shell_wrappers(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    task = build_demo_task(SHARED_DATA / "hippocampus-msd", data / "raw" / "nnUNet_raw_data", task_id=3,
+                           with_roi=True, max_cases=10)
+    planned = _wrapper("uc_plan_and_preprocess", data, "-t", "3", "-tf", "1", "-tl", "1")
+    assert planned.returncode == 0, planned.stderr
+    assert (data / "preprocessed" / task.name / "plans.json").is_file()
+    trained = _wrapper("uc_train", data, "3d_fullres", "ClassifierTrainer", "3", "0", "--epochs", "1",
+                       "--threads", "1")
+    assert trained.returncode == 0, trained.stderr
+    models = data / "trained_models" / "nnUNet" / "3d_fullres" / task.name / "ClassifierTrainer__nnUNetPlansv2.1"
+    assert (models / "fold_0").is_dir() and any((models / "fold_0").glob("*.pt"))
+    assert not (data / "results").exists()
+    out = tmp_path / "out"
+    predicted = _wrapper("uc_predict", data, "-i", task / "imagesTs", "-s", task / "labelsTs", "-o", out,
+                         "-t", "3", "-f", "0")
+    assert predicted.returncode == 0, predicted.stderr
+    cases = {p.name.removesuffix("_0000.nii.gz") for p in (task / "imagesTs").glob("*_0000.nii.gz")}
+    assert cases and {p.stem for p in out.glob("*.json")} == cases
+
+
+def test_nnunet_environment_variables_replace_the_folders(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    base, preprocessed, results = tmp_path / "nnUNet_raw", tmp_path / "pp", tmp_path / "models"
+    task = build_demo_task(SHARED_DATA / "hippocampus-msd", base / "nnUNet_raw_data", task_id=4,
+                           with_roi=False, max_cases=6)
+    env = {"nnUNet_raw_data_base": str(base), "nnUNet_preprocessed": str(preprocessed),
+           "RESULTS_FOLDER": str(results)}
+    planned = _wrapper("uc_plan_and_preprocess", data, "-t", "4", env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert (preprocessed / task.name / "plans.json").is_file()
+    assert f"preprocessed in {preprocessed}" in planned.stderr
+    assert list(data.iterdir()) == []  # nothing written under DATA
+    roots = task_roots(data, env)
+    assert (roots.raw, roots.preprocessed, roots.results) == (base / "nnUNet_raw_data", preprocessed, results)
+    # without the variables, DATA alone: the task is not there, and the answer names where it looked
+    missing = _wrapper("uc_plan_and_preprocess", data, "-t", "4",
+                       env={key: "" for key in env})
+    assert missing.returncode == 1
+    assert f"{data}: no task folder for task '4'" in missing.stderr
+
+
+def test_this_projects_layout_is_kept(tmp_path: Path) -> None:
+    roots = task_roots(tmp_path, {})
+    assert (roots.raw, roots.preprocessed, roots.results, roots.nnunet) == (
+        tmp_path, tmp_path / "preprocessed", tmp_path / "results", False)
+    (tmp_path / "raw" / "nnUNet_raw_data").mkdir(parents=True)
+    roots = task_roots(tmp_path, {})
+    assert (roots.raw, roots.preprocessed, roots.results, roots.nnunet) == (
+        tmp_path / "raw" / "nnUNet_raw_data", tmp_path / "preprocessed", tmp_path / "trained_models", True)
+
+
+@pytest.mark.parametrize("name", ["uc_plan_and_preprocess", "uc_train", "uc_predict"])
+def test_shell_wrappers_answer_help(name: str) -> None:
+    shown = _wrapper(name, "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: {name} ")
+    assert "``" not in shown.stdout
