@@ -8,12 +8,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from matplotlib.colors import is_color_like
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: Compartments a segmentation model may output, in label order (label = position + 1).
 KNOWN_CLASSES = ("muscle", "subcutaneous_fat", "visceral_fat")
 DEFAULT_CLASSES = KNOWN_CLASSES
 THORACIC_CLASSES = ("muscle", "subcutaneous_fat")
+#: The configuration shipped with the package (classical path, L3), used when none is given.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
+#: Suffixes of Keras weight files (the original pipeline's), and the HDF5 file signature.
+KERAS_SUFFIXES = frozenset({".hdf5", ".h5", ".keras"})
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class ModelConfigError(ValueError):
@@ -59,6 +65,13 @@ class LevelParams(BaseModel):
             raise ValueError(f"must be distinct names from {list(KNOWN_CLASSES)}, not {list(value)}")
         return value
 
+    @field_validator("regression_plot_colour")
+    @classmethod
+    def _colour(cls, value: str) -> str:
+        if not is_color_like(value):
+            raise ValueError(f"{value!r} is not a Matplotlib colour (a name such as 'red', or '#rrggbb')")
+        return value
+
 
 class BodyCompModelConfig(BaseModel):
     """The whole model configuration (the JSON form of the issue, or the same keys in TOML).
@@ -91,6 +104,29 @@ class BodyCompModelConfig(BaseModel):
         """Whether any stage runs a network."""
         return self.slice_selection_weights is not None or any(
             p.model_weights is not None for p in self.slice_params.values()
+        )
+
+
+def check_weights_format(path: Path) -> None:
+    """Refuse a weights file this package cannot load before torch tries to unpickle it.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a Keras/HDF5 weights file (by suffix or by its HDF5 signature): the
+        message says that ``.pt`` checkpoints of this package are supported and how to get one.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(HDF5_SIGNATURE))
+    except OSError:
+        head = b""
+    if path.suffix.lower() in KERAS_SUFFIXES or head == HDF5_SIGNATURE:
+        raise ValueError(
+            f"{path} is a Keras/HDF5 weights file; this package runs PyTorch checkpoints (.pt) written by "
+            "'dicom-node train body-segmentation' and 'dicom-node train slice-selection' (training sets from "
+            "'dicom-node prepare'). Keras weights cannot be converted automatically: train on your data with "
+            "those commands, or leave the weights key out to use the classical path"
         )
 
 
@@ -138,6 +174,10 @@ def parse_model_config(
         full = Path(path) if Path(path).is_absolute() else base_dir / path
         if not full.is_file():
             raise ModelConfigError(f"{source}: {key}: weight file {full} does not exist")
+        try:
+            check_weights_format(full)
+        except ValueError as exc:
+            raise ModelConfigError(f"{source}: {key}: {exc}") from None
         return str(full)
 
     levels = {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.bodycomp import classical
-from inference.bodycomp.config import KNOWN_CLASSES
+from inference.bodycomp.config import KNOWN_CLASSES, check_weights_format
 from inference.bodycomp.slice_selection import pad_square
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def load_segmenter(path: Path, device: str, class_names: Sequence[str] | None = 
     ValueError
         If the file is not a segmentation checkpoint or its classes differ from ``class_names``.
     """
+    check_weights_format(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a {CHECKPOINT_KIND} checkpoint")
