@@ -308,7 +308,9 @@ class BodyCompositionAnalysis:
         Raises
         ------
         InputError
-            If the series is not CT or a level cannot be found in it.
+            If the series is not CT or none of the levels can be found in it. A level that is
+            not found while others are is named in ``summary["levels_not_found"]`` (why, and
+            which levels were found where) and the others are measured.
         """
         if volume.modality != "CT":
             raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not CT")
@@ -321,14 +323,14 @@ class BodyCompositionAnalysis:
         per_level: dict[str, Any] = {}
         measurements: list[Measurement] = []
         used_labels: set[int] = set()
+        not_found: dict[str, str] = {}
+        centre_slices: list[int] = []
         for level in self.levels:
             position = finding.positions.get(level)
             if position is None or not -0.5 <= position <= stack.shape[0] - 0.5:
-                raise InputError(
-                    f"series {volume.series_instance_uid}: vertebral level {level} not found "
-                    f"({'; '.join(finding.notes) or finding.method}; levels found: "
-                    f"{', '.join(finding.found) or 'none'})"
-                )
+                not_found[level] = missing_level_reason(level, position, finding, stack.shape[0], to_lps)
+                logger.warning("series %s: %s", volume.series_instance_uid, not_found[level])
+                continue
             params = self.config.slice_params[level]
             slices = slices_within(position, stack.shape[0], dz, self.range_mm)
             labels[slices] = self._segment(level, stack[slices], (sy, sx))
@@ -356,17 +358,23 @@ class BodyCompositionAnalysis:
                 int(round(float((from_source @ to_lps @ np.array([k, 0.0, 0.0, 1.0]))[0])))
                 for k in slices
             )
+            centre = int(round(float((from_source @ to_lps @ np.array([round(position), 0.0, 0.0, 1.0]))[0])))
+            if centre not in centre_slices:
+                centre_slices.append(centre)
             per_level[level] = {
                 "slice_position": round(float(position), 2),
                 "z_mm": round(z_lps, 1),
                 "slices": len(slices),
                 "source_slices": source_slices,
+                "centre_slice": centre,
                 "thoracic": "visceral_fat" not in names,
                 "segmentation": DEEP_LEARNING_METHOD if params.model_weights else CLASSICAL_METHOD,
                 "compartments": {name: value.as_dict() for name, value in stats.items()},
             }
+        if not per_level:
+            raise InputError(f"series {volume.series_instance_uid}: " + "; ".join(not_found.values()))
         source_labels = space.to_source(labels)
-        key = tuple(int(k) for k in np.nonzero(source_labels.any(axis=(1, 2)))[0][:3])
+        key = tuple(centre_slices)  # the chosen (centre) slice of every level measured
         path = self._path()
         segmentation = sorted({v["segmentation"] for v in per_level.values()})
         z_mm = [round(float((to_lps @ np.array([k, 0.0, 0.0, 1.0]))[2]), 2) for k in range(stack.shape[0])]
@@ -387,6 +395,7 @@ class BodyCompositionAnalysis:
                 "level_anchor": finding.anchor,
                 "level_notes": list(finding.notes),
                 "levels_found": finding.found,
+                "levels_not_found": not_found,
                 "range_mm": self.range_mm,
                 "pixel_spacing_mm": [round(sy, 4), round(sx, 4)],
                 "slice_spacing_mm": round(dz, 4),
@@ -400,6 +409,31 @@ class BodyCompositionAnalysis:
                 },
             },
         )
+
+
+def missing_level_reason(
+    level: str, position: float | None, finding: LevelFinding, n_slices: int, to_lps: np.ndarray
+) -> str:
+    """Say why ``level`` is not measured, and which levels were found where (in the scan or beyond it)."""
+
+    def z_mm(index: float) -> float:
+        return float((to_lps @ np.array([index, 0.0, 0.0, 1.0]))[2])
+
+    inside = [name for name, p in finding.found.items() if -0.5 <= p <= n_slices - 0.5]
+    outside = [name for name, p in finding.found.items() if name not in inside]
+    where = "; ".join(part for part in (
+        "found in the scan: " + ", ".join(f"{name} (z {z_mm(finding.found[name]):.1f} mm)" for name in inside)
+        if inside else "no level found in the scan",
+        "placed beyond its ends: " + ", ".join(f"{name} (z {z_mm(finding.found[name]):.1f} mm)" for name in outside)
+        if outside else "",
+    ) if part)
+    first, last = sorted((z_mm(0.0), z_mm(n_slices - 1.0)))
+    if position is None:
+        return (f"vertebral level {level} not found in the scanned range z {first:.1f} to {last:.1f} mm "
+                f"({'; '.join(finding.notes) or finding.method}; {where})")
+    side = "below" if z_mm(position) < first else "above"
+    return (f"vertebral level {level} not found in the scan: placed at z {z_mm(position):.1f} mm, {side} the "
+            f"scanned range z {first:.1f} to {last:.1f} mm ({finding.method}; {where})")
 
 
 def space_to_lps(space: ModelSpace) -> np.ndarray:

@@ -357,6 +357,10 @@ def _series_row(record: dict[str, Any], series: dict[str, Any]) -> dict[str, Any
             above = np.asarray(curve) >= target
             if int(np.count_nonzero(above[1:] != above[:-1])) > 1:
                 flags.append("ambiguous_slice_selection")
+    missing = details.get("levels_not_found", {})
+    if missing:
+        row["levels_not_found"] = " ".join(missing)
+        flags.append("level_not_found")
     row["flags"] = ";".join(dict.fromkeys(flags))
     return row
 

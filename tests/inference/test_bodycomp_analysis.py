@@ -15,7 +15,7 @@ from dicom_node.config import SeriesNumbers
 from dicom_node.run.pipeline import JobSpec, run_job
 from inference.base import Analysis
 from inference.errors import InputError
-from inference.bodycomp.analysis import CLASSICAL_METHOD, BodyCompositionAnalysis
+from inference.bodycomp.analysis import CLASSICAL_METHOD, BodyCompositionAnalysis, LevelFinding, missing_level_reason
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA
 from tests.factories import series_from_nifti, write_datasets
@@ -89,3 +89,51 @@ def test_native_jpeg2000_series_decodes_and_fails_clearly_without_l3() -> None:
     analysis.load("cpu")
     with pytest.raises(InputError, match="L3 not found"):
         analysis.run(volume)
+
+
+def test_levels_outside_an_abdomen_ct_are_reported_and_l3_is_measured(ct_series: list[Path]) -> None:
+    volume = load_series([pydicom.dcmread(p) for p in ct_series])
+    analysis = BodyCompositionAnalysis(levels=["T5", "T8", "T10", "L3"], range_mm=3.0)
+    analysis.load("cpu")
+    result = analysis.run(volume)
+    assert list(result.summary["levels"]) == ["L3"]
+    missing = result.summary["levels_not_found"]
+    assert list(missing) == ["T5", "T8", "T10"]
+    for level, message in missing.items():
+        assert message.startswith(f"vertebral level {level} not found in the scanned range z ")
+        assert "found in the scan: " in message and "L3 (z " in message and "T12 (z " in message
+    assert {m.name.split()[0] for m in result.measurements} == {"L3"}
+    l3 = result.summary["levels"]["L3"]
+    assert l3["slices"] == 3 and len(l3["source_slices"]) == 3
+    # the preview and the SC show the chosen (centre) slice, not the first slices of the range
+    assert result.key_slices == (l3["centre_slice"],) and l3["centre_slice"] == l3["source_slices"][1]
+
+
+def test_the_preview_shows_the_centre_slice_of_every_level(ct_series: list[Path]) -> None:
+    volume = load_series([pydicom.dcmread(p) for p in ct_series])
+    analysis = BodyCompositionAnalysis(levels=["L1", "L3"])
+    analysis.load("cpu")
+    result = analysis.run(volume)
+    levels = result.summary["levels"]
+    assert result.key_slices == (levels["L1"]["centre_slice"], levels["L3"]["centre_slice"])
+    assert levels["L1"]["centre_slice"] != levels["L3"]["centre_slice"]
+
+
+def test_no_level_in_the_scan_fails_naming_each(ct_series: list[Path]) -> None:
+    volume = load_series([pydicom.dcmread(p) for p in ct_series])
+    analysis = BodyCompositionAnalysis(levels=["T5", "T8"])
+    analysis.load("cpu")
+    with pytest.raises(InputError, match="level T5 not found in the scanned range .*; vertebral level T8 not found"):
+        analysis.run(volume)
+
+
+def test_a_level_placed_just_beyond_the_scan_says_where() -> None:
+    finding = LevelFinding(positions={}, method="vertebral level from the spine, anchor: pelvis",
+                           mode="classical", curves={}, found={"L2": 10.0, "L1": 20.0, "T12": 30.4})
+    to_lps = np.eye(4)
+    to_lps[2] = [3.0, 0.0, 0.0, 100.0]  # z = 100 mm + 3 mm per slice
+    assert missing_level_reason("T12", 30.4, finding, 30, to_lps) == (
+        "vertebral level T12 not found in the scan: placed at z 191.2 mm, above the scanned range z 100.0 to "
+        "187.0 mm (vertebral level from the spine, anchor: pelvis; found in the scan: L2 (z 130.0 mm), "
+        "L1 (z 160.0 mm); placed beyond its ends: T12 (z 191.2 mm))"
+    )

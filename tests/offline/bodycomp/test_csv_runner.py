@@ -235,3 +235,28 @@ def test_files_directly_in_the_study_folder_without_r_and_the_shipped_configurat
              "-c", str(inputs["config"])])
     with pytest.raises(ConfigError, match="give RESULTS_DIR and at least one INPUT_DIR"):
         cli(["run-csv", str(names), str(inputs["config"]), str(results)])
+
+
+def test_several_levels_on_an_abdomen_ct_keep_l3_and_one_preview(inputs: dict[str, object], tmp_path: Path) -> None:
+    root = inputs["root"]
+    assert isinstance(root, Path)
+    config = tmp_path / "levels.json"
+    config.write_text(json.dumps({"slice_params": {
+        "T5": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "blue"},
+        "T8": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "green"},
+        "T10": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "orange"},
+        "L1": {"regression_plot_colour": "purple"},
+        "L3": {"regression_plot_colour": "red"}}}))
+    names = tmp_path / "one.csv"
+    names.write_text("StudyName\nstudyB\n")
+    results = tmp_path / "out"
+    assert cli(["run-csv", str(names), str(config), str(results), str(root / "in2" / "deeper"), "-R", "-r", "3",
+                "-t", "2", "--no-progress"]) == 0
+    record = json.loads((results / "json_files" / "studyB.json").read_text())
+    (series,) = record["series"]
+    assert series["state"] == "done" and list(series["details"]["levels"]) == ["L1", "L3"]
+    assert list(series["details"]["levels_not_found"]) == ["T5", "T8", "T10"]
+    assert [p.name for p in (results / "previews").iterdir()] == [f"studyB_{series['series_instance_uid']}_preview.png"]
+    (row,) = read_rows(results / "summary.csv")
+    assert row["levels_not_found"] == "T5 T8 T10" and "level_not_found" in row["flags"].split(";")
+    assert 80.0 < float(row["L3_muscle_area_cm2"]) < 250.0 and float(row["L1_muscle_area_cm2"]) > 0
