@@ -58,6 +58,20 @@ STRUCTURES = {
         classical.VISCERAL_FAT, "Visceral fat", TISSUE, ADIPOSE_TISSUE, (60, 160, 240)
     ),
 }
+#: Colours of compartments beyond the three known ones, in the order they are first configured.
+EXTRA_COLOURS = ((170, 90, 220), (60, 200, 140), (240, 130, 40), (200, 200, 200), (120, 80, 40), (240, 100, 180))
+
+
+def generic_structure(name: str, label: int) -> Structure:
+    """A compartment a trained model outputs beyond the known three, coded generically as tissue.
+
+    Its segment and measurements carry the configured name (``intermuscular_fat`` ->
+    "Intermuscular fat"); category and type are SCT 85756007 "Tissue".
+    """
+    colour = EXTRA_COLOURS[(label - len(COMPARTMENTS) - 1) % len(EXTRA_COLOURS)]
+    return Structure(label, name.replace("_", " ").capitalize(), TISSUE, TISSUE, colour)
+
+
 #: Levels above the diaphragm have no visceral class (thoracic mode).
 THORACIC_LEVELS = frozenset(f"T{i}" for i in range(1, 11))
 
@@ -221,6 +235,17 @@ class BodyCompositionAnalysis:
             raise ValueError(f"levels {missing} are not in the model configuration's slice_params")
         self.config = config
         self.levels = chosen
+        #: Label value of every compartment measured: the known three, then further trained classes.
+        self.compartments: dict[str, int] = dict(COMPARTMENTS)
+        for level in chosen:
+            for name in config.slice_params[level].class_names:
+                self.compartments.setdefault(name, len(self.compartments) + 1)
+        if len(self.compartments) > 255:
+            raise ValueError("at most 255 compartments fit a label map")
+        self.structures: dict[int, Structure] = {
+            label: STRUCTURES.get(label) or generic_structure(name, label)
+            for name, label in self.compartments.items()
+        }
         self.range_mm = float(range_mm)
         self.rule = SeriesRule(
             modalities=("CT",), min_slices=min_slices, orientation="axial", choose=choose_series
@@ -291,7 +316,7 @@ class BodyCompositionAnalysis:
 
         if level not in self._segmenters:
             self.load(self.device)
-        return segment_slices(self._segmenters[level], hu_slices)
+        return segment_slices(self._segmenters[level], hu_slices, label_values=self.compartments)
 
     def _path(self) -> str:
         segmentation_dl = [self.config.slice_params[level].model_weights is not None for level in self.levels]
@@ -334,17 +359,17 @@ class BodyCompositionAnalysis:
             params = self.config.slice_params[level]
             slices = slices_within(position, stack.shape[0], dz, self.range_mm)
             labels[slices] = self._segment(level, stack[slices], (sy, sx))
-            names = [name for name in COMPARTMENTS if name in params.class_names]
+            names = [name for name in self.compartments if name in params.class_names]
             if params.model_weights is None and level in self.thoracic_levels:
                 names = [name for name in names if name != "visceral_fat"]
             stats = {
-                name: measure(stack[slices], labels[slices], (sy, sx), COMPARTMENTS[name])
+                name: measure(stack[slices], labels[slices], (sy, sx), self.compartments[name])
                 for name in names
             }
             for name, value in stats.items():
-                label = COMPARTMENTS[name]
+                label = self.compartments[name]
                 used_labels.add(label)
-                structure = STRUCTURES[label]
+                structure = self.structures[label]
                 measurements.append(Measurement(
                     f"{level} {structure.name} area", AREA, value.area_cm2, SQUARE_CENTIMETER, label
                 ))
@@ -384,7 +409,7 @@ class BodyCompositionAnalysis:
             model_name=self.model_name,
             model_version=self.model_version,
             method=f"{path} (levels: {finding.method}; segmentation: {' and '.join(segmentation)})",
-            structures=tuple(STRUCTURES[label] for label in sorted(used_labels)),
+            structures=tuple(self.structures[label] for label in sorted(used_labels)),
             measurements=tuple(measurements),
             label_map=source_labels,
             key_slices=key,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from matplotlib.colors import is_color_like
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-#: Compartments a segmentation model may output, in label order (label = position + 1).
+#: Compartments with their own codes, in label order (label = position + 1). A trained model may
+#: output further compartments (``class_names`` beyond these), reported with generic codes.
 KNOWN_CLASSES = ("muscle", "subcutaneous_fat", "visceral_fat")
+#: What a class name may look like (it names measurements, CSV columns and SEG segments).
+CLASS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 DEFAULT_CLASSES = KNOWN_CLASSES
 THORACIC_CLASSES = ("muscle", "subcutaneous_fat")
 #: The configuration shipped with the package (classical path, L3), used when none is given.
@@ -53,16 +57,26 @@ class LevelParams(BaseModel):
 
     slice_selection_model_output_index: int = Field(default=0, ge=0)
     z_pos: float = 0.0
-    class_names: tuple[str, ...] = DEFAULT_CLASSES
+    # model_weights before class_names: the class_names check reads it
     model_weights: str | None = None
+    class_names: tuple[str, ...] = DEFAULT_CLASSES
     regression_plot_colour: str = "red"
 
     @field_validator("class_names")
     @classmethod
-    def _known_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [name for name in value if name not in KNOWN_CLASSES]
-        if unknown or not value or len(set(value)) != len(value):
-            raise ValueError(f"must be distinct names from {list(KNOWN_CLASSES)}, not {list(value)}")
+    def _class_names(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        malformed = [name for name in value if not CLASS_NAME.match(name)]
+        if malformed or not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"must be distinct snake_case names ({', '.join(KNOWN_CLASSES)} or others a trained model "
+                f"outputs), not {list(value)}"
+            )
+        extra = [name for name in value if name not in KNOWN_CLASSES]
+        if extra and info.data.get("model_weights") is None:
+            raise ValueError(
+                f"{extra}: only a trained model (model_weights) segments compartments beyond "
+                f"{', '.join(KNOWN_CLASSES)}; the classical path segments those three"
+            )
         return value
 
     @field_validator("regression_plot_colour")
