@@ -36,6 +36,11 @@ WALL_SMOOTHING_DEG = 21
 MAX_WALL_MM = 80.0
 MAX_WALL_ANTEROLATERAL_MM = 25.0
 POSTERIOR_SECTOR_DEG = 50.0
+#: Smoothed HU above which the anterolateral wall ends (solid organs; muscle's median here is ~20).
+ORGAN_HU = 40.0
+#: Gas in the cavity, and how far fat-range pixels next to it are taken as bowel contents.
+GAS_HU = -250.0
+GAS_MARGIN_MM = 3.0
 
 #: Spine search: half-width of the midline band and the vertebral body box, in millimetres.
 SPINE_BAND_MM = 20.0
@@ -170,6 +175,10 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
         if wall is None:
             wall = max(0, skin - int(round(2.0 / RADIAL_STEP_MM)))
         stop = (profile <= ADIPOSE_HU[1]) | (profile > BONE_HU)
+        if not posterior[a]:
+            # the liver and spleen lie against the anterolateral wall with no fat between:
+            # the wall ends where tissue turns denser than muscle
+            stop |= profile > ORGAN_HU
         max_wall = int(round(wall_mm[a] / RADIAL_STEP_MM))
         end = _first_run(stop[: wall + 1], wall, run)
         end = max(0, wall - max_wall) if end is None else max(end, wall - max_wall)
@@ -186,8 +195,10 @@ def segment_slice(
     """Label muscle, subcutaneous fat and visceral fat on one axial slice by HU thresholds.
 
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
-    edge); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
-    inside it (intermuscular fat is counted as visceral).
+    edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
+    liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    inside the inner edge. Fat within the wall (intermuscular) is neither, and fat-range
+    pixels next to gas in the cavity (bowel contents) are not visceral fat.
 
     Parameters
     ----------
@@ -219,7 +230,16 @@ def segment_slice(
     labels[muscle] = MUSCLE
     labels[fat & (radius > outer)] = SUBCUTANEOUS_FAT
     if not thoracic:
-        labels[fat & (radius <= outer)] = VISCERAL_FAT
+        visceral = fat & (radius <= outer)
+        # fat between the muscles of the wall (intermuscular fat, e.g. between the back muscles)
+        # is neither visceral nor subcutaneous
+        visceral &= radius < inner
+        # bowel contents mixed with gas fall in the fat range: not visceral fat
+        gas = body & (hu < GAS_HU) & (radius < inner)
+        near_gas = ndimage.binary_dilation(gas, structure=_disk((GAS_MARGIN_MM / spacing_mm[0],
+                                                                 GAS_MARGIN_MM / spacing_mm[1])))
+        visceral &= ~near_gas
+        labels[visceral] = VISCERAL_FAT
     return labels
 
 
