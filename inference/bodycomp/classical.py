@@ -197,8 +197,9 @@ def segment_slice(
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
     edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
     liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
-    inside the inner edge. Fat within the wall (intermuscular) is neither, and fat-range
-    pixels next to gas in the cavity (bowel contents) are not visceral fat.
+    inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
+    subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
+    pixels (skin) and fat-range pixels next to gas in the cavity (bowel contents) are not fat.
 
     Parameters
     ----------
@@ -228,7 +229,15 @@ def segment_slice(
     fat = body & (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
     muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
     labels[muscle] = MUSCLE
-    labels[fat & (radius > outer)] = SUBCUTANEOUS_FAT
+    # the body's outermost pixels are skin (partial volume with air), not fat
+    subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
+    # fat in a gap of the wall that is continuous with the subcutaneous layer (behind the spinous
+    # processes, between the back muscles) is subcutaneous; enclosed specks stay unlabelled
+    in_wall = fat & (radius <= outer) & (radius >= inner)
+    pieces, _ = ndimage.label(in_wall | subcutaneous)
+    joined = np.unique(pieces[subcutaneous])
+    subcutaneous |= in_wall & np.isin(pieces, joined[joined > 0])
+    labels[subcutaneous] = SUBCUTANEOUS_FAT
     if not thoracic:
         visceral = fat & (radius <= outer)
         # fat between the muscles of the wall (intermuscular fat, e.g. between the back muscles)
