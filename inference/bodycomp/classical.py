@@ -41,6 +41,8 @@ ORGAN_HU = 40.0
 #: Gas in the cavity, and how far fat-range pixels next to it are taken as bowel contents.
 GAS_HU = -250.0
 GAS_MARGIN_MM = 3.0
+#: Smaller pieces of fat-range pixels in the cavity are noise or bowel contents, not visceral fat.
+MIN_VISCERAL_MM2 = 20.0
 
 #: Spine search: half-width of the midline band and the vertebral body box, in millimetres.
 SPINE_BAND_MM = 20.0
@@ -199,7 +201,8 @@ def segment_slice(
     liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
     inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
     subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
-    pixels (skin) and fat-range pixels next to gas in the cavity (bowel contents) are not fat.
+    pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
+    pieces under ``MIN_VISCERAL_MM2`` are not visceral fat.
 
     Parameters
     ----------
@@ -248,6 +251,10 @@ def segment_slice(
         near_gas = ndimage.binary_dilation(gas, structure=_disk((GAS_MARGIN_MM / spacing_mm[0],
                                                                  GAS_MARGIN_MM / spacing_mm[1])))
         visceral &= ~near_gas
+        pieces, _ = ndimage.label(visceral)
+        sizes = np.bincount(pieces.ravel()) * spacing_mm[0] * spacing_mm[1]
+        sizes[0] = 0
+        visceral &= sizes[pieces] >= MIN_VISCERAL_MM2
         labels[visceral] = VISCERAL_FAT
     return labels
 
