@@ -105,6 +105,9 @@ class NodeSettings(_Frozen):
         if self.tls is not None and self.tls.certificate is None:
             raise ValueError("tls: the Storage SCP and the HTTP API need a certificate and private_key")
         return self
+    log_file: Path | None = None
+    log_max_bytes: Annotated[int, Field(ge=4096)] = 10_000_000
+    log_backup_count: Annotated[int, Field(ge=0, le=100)] = 5
 
 
 class GroupingSettings(_Frozen):
@@ -308,12 +311,33 @@ class ApiSettings(_Frozen):
     port: Port = 8080
     token: SecretStr | None = None
     token_file: Path | None = None
+    jobs_root: Path | None = None
+    job_names: dict[str, str] = Field(default_factory=lambda: {"3dblur": "gaussian-blur"})
 
     @model_validator(mode="after")
     def _one_token_source(self) -> ApiSettings:
         if self.token is not None and self.token_file is not None:
             raise ValueError("give token or token_file, not both")
         return self
+
+    @field_validator("jobs_root")
+    @classmethod
+    def _absolute_jobs_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"jobs_root {str(value)!r} must be an absolute path")
+        return value
+
+    @field_validator("job_names")
+    @classmethod
+    def _job_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, task in value.items():
+            if not name.strip() or not task.strip():
+                raise ValueError(f"job name {name!r} -> {task!r}: neither may be empty")
+        return value
+
+    def jobs_folder(self, data_dir: Path) -> Path:
+        """Return the folder a job's relative ``in_dir`` resolves against (``<data_dir>/jobs`` by default)."""
+        return self.jobs_root if self.jobs_root is not None else data_dir / "jobs"
 
     def bearer_token(self) -> str | None:
         """Return the configured token (read from ``token_file`` now), or ``None``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -12,7 +13,9 @@ from typing import IO, Any
 
 import h5py
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
 from dicom_node.receive.files import iter_files
@@ -175,25 +178,90 @@ def derived_from_volume(
     )
 
 
+def sources_from_template_file(template: Dataset, volume: Volume) -> list[Dataset]:
+    """Return one header per slice of ``volume``, made from one template image and the volume's geometry.
+
+    Each copy of the template gets the slice's ImagePositionPatient, the volume's
+    ImageOrientationPatient and PixelSpacing (from its LPS affine), an InstanceNumber and
+    the SOP Instance UID the volume recorded for that slice (the image it came from).
+
+    Raises
+    ------
+    ConversionError
+        If the template's matrix differs from the volume's slices.
+    """
+    if (int(template.get("Rows", 0)), int(template.get("Columns", 0))) != volume.shape[1:]:
+        raise ConversionError(f"template image is {template.get('Rows')}x{template.get('Columns')}, "
+                              f"the volume's slices are {volume.shape[1]}x{volume.shape[2]}")
+    affine = np.asarray(volume.affine)
+    column_step, row_step = affine[:3, 1], affine[:3, 2]  # moving down a column, along a row
+    orientation = [*(row_step / np.linalg.norm(row_step)), *(column_step / np.linalg.norm(column_step))]
+    header = Dataset()
+    for element in template:
+        if element.keyword not in ("PixelData", "SliceLocation"):
+            header.add(element)
+    header.file_meta = template.file_meta
+    sources = []
+    for k, sop_uid in enumerate(volume.sop_instance_uids):
+        ds = copy.deepcopy(header)
+        ds.ImagePositionPatient = [round(float(v), 6) for v in affine[:3, 3] + k * affine[:3, 0]]
+        ds.ImageOrientationPatient = [round(float(v), 8) for v in orientation]
+        ds.PixelSpacing = [round(float(np.linalg.norm(column_step)), 6), round(float(np.linalg.norm(row_step)), 6)]
+        if "SpacingBetweenSlices" in ds:
+            ds.SpacingBetweenSlices = round(float(np.linalg.norm(affine[:3, 0])), 6)
+        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID = sop_uid
+        sources.append(ds)
+    return sources
+
+
 def to_dicom(
-    in_h5: Path, template_dir: Path, out_dir: Path, *, series_description: str = "From HDF5",
+    in_h5: Path, template: Path, out_dir: Path, *, series_description: str = "From HDF5",
     series_number: int = 9905,
 ) -> list[Path]:
-    """Write an HDF5 volume as a new series using a template series for the headers.
+    """Write an HDF5 volume as a new series using a template for the headers.
+
+    Parameters
+    ----------
+    in_h5
+        The volume (:func:`write_hdf5`).
+    template
+        A folder with the template series (its geometry must be the volume's), or one
+        template image whose headers are repeated on every slice with the volume's geometry.
+    out_dir
+        Where the images are written (created).
+    series_description, series_number
+        Of the new series.
 
     Returns
     -------
     list[pathlib.Path]
         The files written, one per slice, in volume order.
+
+    Raises
+    ------
+    ConversionError
+        If an input cannot be read or the volume does not fit the template.
     """
     data = in_h5.read_bytes()
     volume = read_hdf5(BytesIO(data))
-    template, sources = load_dicom_series(template_dir)
+    if template.is_file():
+        try:
+            template_ds = pydicom.dcmread(template)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise ConversionError(f"{template}: not a readable DICOM file: {exc}") from exc
+        sources = sources_from_template_file(template_ds, volume)
+        template_volume = Volume(volume.array, volume.affine, volume.sop_instance_uids,
+                                 str(template_ds.get("SeriesInstanceUID", "")), volume.modality)
+    elif template.is_dir():
+        template_volume, sources = load_dicom_series(template)
+    else:
+        raise ConversionError(f"{template}: no such template file or folder")
     identity = Identity(manufacturer_model_name="dicom-node", software_versions=__version__,
                         device_serial_number="convert", algorithm_name="to-dicom",
                         algorithm_version=__version__)
     images = derived_from_volume(
-        volume, template, sources, series_description=series_description, series_number=series_number,
+        volume, template_volume, sources, series_description=series_description, series_number=series_number,
         derivation=f"volume from {in_h5.name} written over the template series", identity=identity,
         uid_seed=hashlib.sha256(data).hexdigest(),
     )
@@ -207,5 +275,6 @@ def to_dicom(
     return paths
 
 
-__all__ = ["ConversionError", "derived_from_volume", "header_fields", "read_hdf5", "to_dicom",
+__all__ = ["ConversionError", "derived_from_volume", "header_fields", "read_hdf5", "sources_from_template_file",
+           "to_dicom",
            "to_hdf5", "volume_to_bytes", "write_hdf5"]

@@ -21,6 +21,8 @@ WIDTH_PX = 1024
 MARGIN_PX = 24
 GAP_PX = 16
 MAX_KEY_SLICES = 3
+#: Slices shown when the caller names them (e.g. the chosen slice of each of several levels).
+MAX_SHOWN_SLICES = 6
 FILL_ALPHA = 0.35
 DISCLAIMER = "Automated analysis, not for diagnostic use: verify against the source images."
 
@@ -487,7 +489,7 @@ def render_report_png(
     findings
         Classification findings to list.
     key_slices
-        Slice indices to show (at most three are used), or ``None`` to choose the
+        Slice indices to show (at most six are used), or ``None`` to choose the three
         slices where the structures are largest.
     title
         Heading of the page, e.g. the analysis name.
@@ -519,7 +521,7 @@ def render_report_png(
     if key_slices is None or len(key_slices) == 0:
         chosen = choose_key_slices(label_map, structures, volume.shape[0])
     else:
-        chosen = [int(k) for k in key_slices][:MAX_KEY_SLICES]
+        chosen = [int(k) for k in key_slices][:MAX_SHOWN_SLICES]
     if any(not 0 <= k < volume.shape[0] for k in chosen):
         raise ValueError(f"key slices {chosen} out of range for {volume.shape[0]} slices")
     fonts = _load_fonts()

@@ -10,7 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from reports.identity import Identity, copy_study_attributes, equipment_kwargs, source_headers
-from reports.preview import MAX_KEY_SLICES, choose_key_slices, render_report_png
+from reports.preview import MAX_SHOWN_SLICES, choose_key_slices, render_report_png
 from reports.protocols import FindingLike, MeasurementLike, StructureLike
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def build_report_image(
                 f"label_map has {label_map.shape[0]} slices, the source series {n_slices}"
             )
         key_slices = choose_key_slices(label_map, structures, n_slices)
-    key_slices = [int(k) for k in key_slices][:MAX_KEY_SLICES]
+    key_slices = [int(k) for k in key_slices][:MAX_SHOWN_SLICES]
     pixels = render_report_png(
         source_images,
         label_map,

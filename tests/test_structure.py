@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("dicom_node", "inference", "reports", "offline")
+PACKAGES = ("dicom_node", "inference", "reports", "offline", "universalclassifier")
 
 
 def _modules() -> dict[str, Path]:
@@ -122,6 +122,7 @@ def test_the_daemon_names_no_specific_analysis() -> None:
     ("inference", {"reports", "dicom_node", "offline", "pynetdicom"}),
     ("reports", {"inference", "dicom_node", "offline", "torch"}),
     ("dicom_node", {"offline"}),
+    ("universalclassifier", {"dicom_node", "offline", "reports", "pynetdicom"}),  # a facade over inference
 ])
 def test_stages_keep_their_lanes(package: str, forbidden: set[str]) -> None:
     crossing = {name: sorted(_external_imports(path) & forbidden)

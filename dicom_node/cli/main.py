@@ -11,6 +11,7 @@ import warnings
 import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import EntryPoint, entry_points
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
@@ -72,12 +73,11 @@ class CommandParsers:
         return self._groups[name]
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
     for noisy in ("pynetdicom", "PIL", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pydicom logs each of its warnings to its own logger as well (misc.warn_and_log): the
@@ -86,10 +86,45 @@ def _configure_logging(verbose: bool) -> None:
     logging.captureWarnings(True)  # any other warning goes through the log, with its time
 
 
+def add_log_file(
+    path: Path, *, max_bytes: int = 10_000_000, backup_count: int = 5, key: str = "node.log_file",
+) -> None:
+    """Log to ``path`` as well as stderr, rotated at ``max_bytes`` keeping ``backup_count`` old files.
+
+    Parameters
+    ----------
+    path
+        The log file (``node.log_file``, or ``--log-file``); its folder is created.
+    max_bytes, backup_count
+        Rotation: ``path.1`` ... ``path.N`` hold the older lines.
+    key
+        What the error message names as the source of ``path``.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be opened.
+    """
+    root = logging.getLogger()
+    target = str(path.resolve())
+    if any(isinstance(h, RotatingFileHandler) and h.baseFilename == target for h in root.handlers):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write {path}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.addHandler(handler)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service.node import Node
 
     config = config_from_args(args)
+    if config.node.log_file is not None:
+        add_log_file(config.node.log_file, max_bytes=config.node.log_max_bytes,
+                     backup_count=config.node.log_backup_count)
     node = Node(config)
     host, port = node.start()
     logger.info("dicom-node %s serving on %s:%d, data in %s", config.node.ae_title, host, port,
@@ -245,6 +280,8 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
     """
     parser = argparse.ArgumentParser(prog="dicom-node", description="An AI node for hospital imaging networks: receive DICOM studies, analyse them, file the results back to the PACS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-file", type=Path, metavar="PATH",
+                        help="also log to this file, rotated at 10 MB (serve: node.log_file)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the node: receive, analyse, send")
@@ -298,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
+        if args.log_file is not None:
+            add_log_file(args.log_file, key="--log-file")
         return int(args.func(args))
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dicom_node import __version__
 from dicom_node.config import ApiSettings, TlsSettings
 from dicom_node.errors import InvalidJobRequest
-from dicom_node.service.transfer import add_transfer_routes
+from dicom_node.service.job_server import add_job_server_routes
 from dicom_node.service.jobs import JobService, fleet_of
+from dicom_node.service.transfer import add_transfer_routes
 from dicom_node.service.status_page import render_status_page
 from dicom_node.state.records import DeliveryState, JobRecord, JobState
 
@@ -98,7 +99,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 def create_app(
     jobs: JobService, settings: ApiSettings, *, ae_title: str,
-    live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes],
+    live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes], jobs_root: Path,
     results_dir: Path | None = None,
 ) -> FastAPI:
     """Build the FastAPI application.
@@ -115,6 +116,8 @@ def create_app(
         Returns the node's live figures (busy workers) for ``/healthz``.
     render_metrics
         Returns the Prometheus text of ``/metrics``.
+    jobs_root
+        Where the job-server calls (``POST /job/``) find their relative ``in_dir`` folders.
     results_dir
         Scaled out: serve the transfer routes for worker hosts
         (:mod:`dicom_node.service.transfer`), uploads going here. They need ``api.token``.
@@ -200,6 +203,8 @@ def create_app(
         state = jobs.cancel(uid)
         return {"uid": uid, "status": None if state is None else str(state),
                 "cancel_requested": state == JobState.RUNNING}
+
+    add_job_server_routes(app, jobs, job_names=settings.job_names, jobs_root=jobs_root, authorised=authorised)
 
     @app.get("/studies")
     def list_studies(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:

@@ -86,9 +86,11 @@ class JobService:
         """Create a job for one task, like a completed study's jobs; return its uid.
 
         With ``input_dir`` its files are first ingested exactly like C-STORE instances and
-        their study is marked complete (the request says what runs on it); with ``study_uid``
-        the study must already be in the ledger. The task's rule selects the series (the
-        first it accepts, or ``series_uid``); none gives a ``not_applicable`` job with reasons.
+        their study is marked complete (the request says what runs on it), and only the series
+        of that folder are candidates, even when the node holds older series of the same
+        study; with ``study_uid`` the study must already be in the ledger. The task's rule
+        selects the series (the first it accepts, or ``series_uid``); none gives a
+        ``not_applicable`` job with reasons.
 
         Raises
         ------
@@ -107,11 +109,15 @@ class JobService:
             except ValueError as exc:
                 name, _, reason = str(exc).partition(": ")
                 raise InvalidJobRequest(f"options.{name}", reason or str(exc)) from None
+        folder_series: set[str] | None = None
         if input_dir is not None:
-            study_uid = self._ingest_dir(input_dir)
+            study_uid, folder_series = self._ingest_dir(input_dir)
         if study_uid is None or self.ledger.study(study_uid) is None:
             raise InvalidJobRequest("input.study_instance_uid", f"study {study_uid} was not received by this node")
         series = self.ledger.series_of_study(study_uid)
+        if folder_series is not None:
+            # a folder job runs on the series in that folder, not on others the study already had
+            series = [s for s in series if s.series_uid in folder_series]
         if series_uid is not None:
             series = [s for s in series if s.series_uid == series_uid]
             if not series:
@@ -126,7 +132,7 @@ class JobService:
         self.wake()
         return uid
 
-    def _ingest_dir(self, input_dir: Path) -> str:
+    def _ingest_dir(self, input_dir: Path) -> tuple[str, set[str]]:
         if not input_dir.is_absolute() or not input_dir.is_dir():
             raise InvalidJobRequest("input.dir", f"{input_dir} is not an absolute path to a folder on the node")
         report = self.ingestor.ingest_tree(input_dir, origin=Origin.API)
@@ -136,7 +142,7 @@ class JobService:
         studies = report.study_uids
         if len(studies) > 1:
             raise InvalidJobRequest("input.dir", f"the folder holds {len(studies)} studies; send one study per job")
-        return studies[0]
+        return studies[0], {r.series_uid for r in report.stored}
 
     def retry(self, job_uid: str) -> RetryOutcome:
         """Queue a final job again (see :func:`retry_job`) and wake the scheduler."""

@@ -126,8 +126,11 @@ class Node:
         self.address = self.scp.start()
         self.delivery.start()
         if self.config.api.enabled:
+            jobs_root = self.config.api.jobs_folder(self.config.node.data_dir)
+            jobs_root.mkdir(parents=True, exist_ok=True)
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
                              live_figures=self._live_figures, render_metrics=self.metrics.render,
+                             jobs_root=jobs_root,
                              results_dir=self.config.node.data_dir / "results" if self.queued else None)
             self.api = ApiServer(app, self.config.api, self.config.node.tls)
             host, port = self.api.start()

@@ -58,6 +58,20 @@ STRUCTURES = {
         classical.VISCERAL_FAT, "Visceral fat", TISSUE, ADIPOSE_TISSUE, (60, 160, 240)
     ),
 }
+#: Colours of compartments beyond the three known ones, in the order they are first configured.
+EXTRA_COLOURS = ((170, 90, 220), (60, 200, 140), (240, 130, 40), (200, 200, 200), (120, 80, 40), (240, 100, 180))
+
+
+def generic_structure(name: str, label: int) -> Structure:
+    """A compartment a trained model outputs beyond the known three, coded generically as tissue.
+
+    Its segment and measurements carry the configured name (``intermuscular_fat`` ->
+    "Intermuscular fat"); category and type are SCT 85756007 "Tissue".
+    """
+    colour = EXTRA_COLOURS[(label - len(COMPARTMENTS) - 1) % len(EXTRA_COLOURS)]
+    return Structure(label, name.replace("_", " ").capitalize(), TISSUE, TISSUE, colour)
+
+
 #: Levels above the diaphragm have no visceral class (thoracic mode).
 THORACIC_LEVELS = frozenset(f"T{i}" for i in range(1, 11))
 
@@ -221,6 +235,17 @@ class BodyCompositionAnalysis:
             raise ValueError(f"levels {missing} are not in the model configuration's slice_params")
         self.config = config
         self.levels = chosen
+        #: Label value of every compartment measured: the known three, then further trained classes.
+        self.compartments: dict[str, int] = dict(COMPARTMENTS)
+        for level in chosen:
+            for name in config.slice_params[level].class_names:
+                self.compartments.setdefault(name, len(self.compartments) + 1)
+        if len(self.compartments) > 255:
+            raise ValueError("at most 255 compartments fit a label map")
+        self.structures: dict[int, Structure] = {
+            label: STRUCTURES.get(label) or generic_structure(name, label)
+            for name, label in self.compartments.items()
+        }
         self.range_mm = float(range_mm)
         self.rule = SeriesRule(
             modalities=("CT",), min_slices=min_slices, orientation="axial", choose=choose_series
@@ -298,7 +323,7 @@ class BodyCompositionAnalysis:
 
         if level not in self._segmenters:
             self.load(self.device)
-        return segment_slices(self._segmenters[level], hu_slices)
+        return segment_slices(self._segmenters[level], hu_slices, label_values=self.compartments)
 
     def _path(self) -> str:
         segmentation_dl = [self.config.slice_params[level].model_weights is not None for level in self.levels]
@@ -315,7 +340,9 @@ class BodyCompositionAnalysis:
         Raises
         ------
         InputError
-            If the series is not CT or a level cannot be found in it.
+            If the series is not CT or none of the levels can be found in it. A level that is
+            not found while others are is named in ``summary["levels_not_found"]`` (why, and
+            which levels were found where) and the others are measured.
         """
         if volume.modality != "CT":
             raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not CT")
@@ -328,28 +355,28 @@ class BodyCompositionAnalysis:
         per_level: dict[str, Any] = {}
         measurements: list[Measurement] = []
         used_labels: set[int] = set()
+        not_found: dict[str, str] = {}
+        centre_slices: list[int] = []
         for level in self.levels:
             position = finding.positions.get(level)
             if position is None or not -0.5 <= position <= stack.shape[0] - 0.5:
-                raise InputError(
-                    f"series {volume.series_instance_uid}: vertebral level {level} not found "
-                    f"({'; '.join(finding.notes) or finding.method}; levels found: "
-                    f"{', '.join(finding.found) or 'none'})"
-                )
+                not_found[level] = missing_level_reason(level, position, finding, stack.shape[0], to_lps)
+                logger.warning("series %s: %s", volume.series_instance_uid, not_found[level])
+                continue
             params = self.config.slice_params[level]
             slices = slices_within(position, stack.shape[0], dz, self.range_mm)
             labels[slices] = self._segment(level, stack[slices], (sy, sx))
-            names = [name for name in COMPARTMENTS if name in params.class_names]
+            names = [name for name in self.compartments if name in params.class_names]
             if params.model_weights is None and level in self.thoracic_levels:
                 names = [name for name in names if name != "visceral_fat"]
             stats = {
-                name: measure(stack[slices], labels[slices], (sy, sx), COMPARTMENTS[name])
+                name: measure(stack[slices], labels[slices], (sy, sx), self.compartments[name])
                 for name in names
             }
             for name, value in stats.items():
-                label = COMPARTMENTS[name]
+                label = self.compartments[name]
                 used_labels.add(label)
-                structure = STRUCTURES[label]
+                structure = self.structures[label]
                 measurements.append(Measurement(
                     f"{level} {structure.name} area", AREA, value.area_cm2, SQUARE_CENTIMETER, label
                 ))
@@ -363,17 +390,23 @@ class BodyCompositionAnalysis:
                 int(round(float((from_source @ to_lps @ np.array([k, 0.0, 0.0, 1.0]))[0])))
                 for k in slices
             )
+            centre = int(round(float((from_source @ to_lps @ np.array([round(position), 0.0, 0.0, 1.0]))[0])))
+            if centre not in centre_slices:
+                centre_slices.append(centre)
             per_level[level] = {
                 "slice_position": round(float(position), 2),
                 "z_mm": round(z_lps, 1),
                 "slices": len(slices),
                 "source_slices": source_slices,
+                "centre_slice": centre,
                 "thoracic": "visceral_fat" not in names,
                 "segmentation": DEEP_LEARNING_METHOD if params.model_weights else CLASSICAL_METHOD,
                 "compartments": {name: value.as_dict() for name, value in stats.items()},
             }
+        if not per_level:
+            raise InputError(f"series {volume.series_instance_uid}: " + "; ".join(not_found.values()))
         source_labels = space.to_source(labels)
-        key = tuple(int(k) for k in np.nonzero(source_labels.any(axis=(1, 2)))[0][:3])
+        key = tuple(centre_slices)  # the chosen (centre) slice of every level measured
         path = self._path()
         segmentation = sorted({v["segmentation"] for v in per_level.values()})
         z_mm = [round(float((to_lps @ np.array([k, 0.0, 0.0, 1.0]))[2]), 2) for k in range(stack.shape[0])]
@@ -383,7 +416,7 @@ class BodyCompositionAnalysis:
             model_name=self.model_name,
             model_version=self.model_version,
             method=f"{path} (levels: {finding.method}; segmentation: {' and '.join(segmentation)})",
-            structures=tuple(STRUCTURES[label] for label in sorted(used_labels)),
+            structures=tuple(self.structures[label] for label in sorted(used_labels)),
             measurements=tuple(measurements),
             label_map=source_labels,
             key_slices=key,
@@ -394,6 +427,7 @@ class BodyCompositionAnalysis:
                 "level_anchor": finding.anchor,
                 "level_notes": list(finding.notes),
                 "levels_found": finding.found,
+                "levels_not_found": not_found,
                 "range_mm": self.range_mm,
                 "pixel_spacing_mm": [round(sy, 4), round(sx, 4)],
                 "slice_spacing_mm": round(dz, 4),
@@ -407,6 +441,31 @@ class BodyCompositionAnalysis:
                 },
             },
         )
+
+
+def missing_level_reason(
+    level: str, position: float | None, finding: LevelFinding, n_slices: int, to_lps: np.ndarray
+) -> str:
+    """Say why ``level`` is not measured, and which levels were found where (in the scan or beyond it)."""
+
+    def z_mm(index: float) -> float:
+        return float((to_lps @ np.array([index, 0.0, 0.0, 1.0]))[2])
+
+    inside = [name for name, p in finding.found.items() if -0.5 <= p <= n_slices - 0.5]
+    outside = [name for name, p in finding.found.items() if name not in inside]
+    where = "; ".join(part for part in (
+        "found in the scan: " + ", ".join(f"{name} (z {z_mm(finding.found[name]):.1f} mm)" for name in inside)
+        if inside else "no level found in the scan",
+        "placed beyond its ends: " + ", ".join(f"{name} (z {z_mm(finding.found[name]):.1f} mm)" for name in outside)
+        if outside else "",
+    ) if part)
+    first, last = sorted((z_mm(0.0), z_mm(n_slices - 1.0)))
+    if position is None:
+        return (f"vertebral level {level} not found in the scanned range z {first:.1f} to {last:.1f} mm "
+                f"({'; '.join(finding.notes) or finding.method}; {where})")
+    side = "below" if z_mm(position) < first else "above"
+    return (f"vertebral level {level} not found in the scan: placed at z {z_mm(position):.1f} mm, {side} the "
+            f"scanned range z {first:.1f} to {last:.1f} mm ({finding.method}; {where})")
 
 
 def space_to_lps(space: ModelSpace) -> np.ndarray:

@@ -36,6 +36,13 @@ WALL_SMOOTHING_DEG = 21
 MAX_WALL_MM = 80.0
 MAX_WALL_ANTEROLATERAL_MM = 25.0
 POSTERIOR_SECTOR_DEG = 50.0
+#: Smoothed HU above which the anterolateral wall ends (solid organs; muscle's median here is ~20).
+ORGAN_HU = 40.0
+#: Gas in the cavity, and how far fat-range pixels next to it are taken as bowel contents.
+GAS_HU = -250.0
+GAS_MARGIN_MM = 3.0
+#: Smaller pieces of fat-range pixels in the cavity are noise or bowel contents, not visceral fat.
+MIN_VISCERAL_MM2 = 20.0
 
 #: Spine search: half-width of the midline band and the vertebral body box, in millimetres.
 SPINE_BAND_MM = 20.0
@@ -170,6 +177,10 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
         if wall is None:
             wall = max(0, skin - int(round(2.0 / RADIAL_STEP_MM)))
         stop = (profile <= ADIPOSE_HU[1]) | (profile > BONE_HU)
+        if not posterior[a]:
+            # the liver and spleen lie against the anterolateral wall with no fat between:
+            # the wall ends where tissue turns denser than muscle
+            stop |= profile > ORGAN_HU
         max_wall = int(round(wall_mm[a] / RADIAL_STEP_MM))
         end = _first_run(stop[: wall + 1], wall, run)
         end = max(0, wall - max_wall) if end is None else max(end, wall - max_wall)
@@ -186,8 +197,12 @@ def segment_slice(
     """Label muscle, subcutaneous fat and visceral fat on one axial slice by HU thresholds.
 
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
-    edge); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
-    inside it (intermuscular fat is counted as visceral).
+    edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
+    liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
+    subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
+    pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
+    pieces under ``MIN_VISCERAL_MM2`` are not visceral fat.
 
     Parameters
     ----------
@@ -217,9 +232,30 @@ def segment_slice(
     fat = body & (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
     muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
     labels[muscle] = MUSCLE
-    labels[fat & (radius > outer)] = SUBCUTANEOUS_FAT
+    # the body's outermost pixels are skin (partial volume with air), not fat
+    subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
+    # fat in a gap of the wall that is continuous with the subcutaneous layer (behind the spinous
+    # processes, between the back muscles) is subcutaneous; enclosed specks stay unlabelled
+    in_wall = fat & (radius <= outer) & (radius >= inner)
+    pieces, _ = ndimage.label(in_wall | subcutaneous)
+    joined = np.unique(pieces[subcutaneous])
+    subcutaneous |= in_wall & np.isin(pieces, joined[joined > 0])
+    labels[subcutaneous] = SUBCUTANEOUS_FAT
     if not thoracic:
-        labels[fat & (radius <= outer)] = VISCERAL_FAT
+        visceral = fat & (radius <= outer)
+        # fat between the muscles of the wall (intermuscular fat, e.g. between the back muscles)
+        # is neither visceral nor subcutaneous
+        visceral &= radius < inner
+        # bowel contents mixed with gas fall in the fat range: not visceral fat
+        gas = body & (hu < GAS_HU) & (radius < inner)
+        near_gas = ndimage.binary_dilation(gas, structure=_disk((GAS_MARGIN_MM / spacing_mm[0],
+                                                                 GAS_MARGIN_MM / spacing_mm[1])))
+        visceral &= ~near_gas
+        pieces, _ = ndimage.label(visceral)
+        sizes = np.bincount(pieces.ravel()) * spacing_mm[0] * spacing_mm[1]
+        sizes[0] = 0
+        visceral &= sizes[pieces] >= MIN_VISCERAL_MM2
+        labels[visceral] = VISCERAL_FAT
     return labels
 
 

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from matplotlib.colors import is_color_like
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-#: Compartments a segmentation model may output, in label order (label = position + 1).
+#: Compartments with their own codes, in label order (label = position + 1). A trained model may
+#: output further compartments (``class_names`` beyond these), reported with generic codes.
 KNOWN_CLASSES = ("muscle", "subcutaneous_fat", "visceral_fat")
+#: What a class name may look like (it names measurements, CSV columns and SEG segments).
+CLASS_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 DEFAULT_CLASSES = KNOWN_CLASSES
 THORACIC_CLASSES = ("muscle", "subcutaneous_fat")
+#: The configuration shipped with the package (classical path, L3), used when none is given.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
+#: Suffixes of Keras weight files (the original pipeline's), and the HDF5 file signature.
+KERAS_SUFFIXES = frozenset({".hdf5", ".h5", ".keras"})
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class ModelConfigError(ValueError):
@@ -47,16 +57,33 @@ class LevelParams(BaseModel):
 
     slice_selection_model_output_index: int = Field(default=0, ge=0)
     z_pos: float = 0.0
-    class_names: tuple[str, ...] = DEFAULT_CLASSES
+    # model_weights before class_names: the class_names check reads it
     model_weights: str | None = None
+    class_names: tuple[str, ...] = DEFAULT_CLASSES
     regression_plot_colour: str = "red"
 
     @field_validator("class_names")
     @classmethod
-    def _known_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [name for name in value if name not in KNOWN_CLASSES]
-        if unknown or not value or len(set(value)) != len(value):
-            raise ValueError(f"must be distinct names from {list(KNOWN_CLASSES)}, not {list(value)}")
+    def _class_names(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        malformed = [name for name in value if not CLASS_NAME.match(name)]
+        if malformed or not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"must be distinct snake_case names ({', '.join(KNOWN_CLASSES)} or others a trained model "
+                f"outputs), not {list(value)}"
+            )
+        extra = [name for name in value if name not in KNOWN_CLASSES]
+        if extra and info.data.get("model_weights") is None:
+            raise ValueError(
+                f"{extra}: only a trained model (model_weights) segments compartments beyond "
+                f"{', '.join(KNOWN_CLASSES)}; the classical path segments those three"
+            )
+        return value
+
+    @field_validator("regression_plot_colour")
+    @classmethod
+    def _colour(cls, value: str) -> str:
+        if not is_color_like(value):
+            raise ValueError(f"{value!r} is not a Matplotlib colour (a name such as 'red', or '#rrggbb')")
         return value
 
 
@@ -91,6 +118,29 @@ class BodyCompModelConfig(BaseModel):
         """Whether any stage runs a network."""
         return self.slice_selection_weights is not None or any(
             p.model_weights is not None for p in self.slice_params.values()
+        )
+
+
+def check_weights_format(path: Path) -> None:
+    """Refuse a weights file this package cannot load before torch tries to unpickle it.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a Keras/HDF5 weights file (by suffix or by its HDF5 signature): the
+        message says that ``.pt`` checkpoints of this package are supported and how to get one.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(HDF5_SIGNATURE))
+    except OSError:
+        head = b""
+    if path.suffix.lower() in KERAS_SUFFIXES or head == HDF5_SIGNATURE:
+        raise ValueError(
+            f"{path} is a Keras/HDF5 weights file; this package runs PyTorch checkpoints (.pt) written by "
+            "'dicom-node train body-segmentation' and 'dicom-node train slice-selection' (training sets from "
+            "'dicom-node prepare'). Keras weights cannot be converted automatically: train on your data with "
+            "those commands, or leave the weights key out to use the classical path"
         )
 
 
@@ -138,6 +188,10 @@ def parse_model_config(
         full = Path(path) if Path(path).is_absolute() else base_dir / path
         if not full.is_file():
             raise ModelConfigError(f"{source}: {key}: weight file {full} does not exist")
+        try:
+            check_weights_format(full)
+        except ValueError as exc:
+            raise ModelConfigError(f"{source}: {key}: {exc}") from None
         return str(full)
 
     levels = {

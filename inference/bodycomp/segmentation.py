@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.bodycomp import classical
-from inference.bodycomp.config import KNOWN_CLASSES
+from inference.bodycomp.config import KNOWN_CLASSES, check_weights_format
 from inference.bodycomp.slice_selection import pad_square
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def load_segmenter(path: Path, device: str, class_names: Sequence[str] | None = 
     ValueError
         If the file is not a segmentation checkpoint or its classes differ from ``class_names``.
     """
+    check_weights_format(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a {CHECKPOINT_KIND} checkpoint")
@@ -148,21 +149,38 @@ def mask_to_target(mask: np.ndarray | torch.Tensor, class_names: Sequence[str]) 
     return lookup[source.clamp(0, len(KNOWN_CLASSES))]
 
 
-def segment_slices(segmenter: Segmenter, hu_slices: np.ndarray, batch_size: int = 4) -> np.ndarray:
+def segment_slices(
+    segmenter: Segmenter, hu_slices: np.ndarray, batch_size: int = 4,
+    label_values: Mapping[str, int] | None = None,
+) -> np.ndarray:
     """Label axial slices ``(n, rows, cols)`` in HU.
 
     Each slice is centred in a square (padded with air), resized to the network's input,
     segmented; the logits are resized back and cropped, so the labels lie on the source pixels.
 
+    Parameters
+    ----------
+    label_values
+        Label value of each class name beyond :data:`CLASS_LABELS` the model outputs.
+
     Returns
     -------
     numpy.ndarray
-        uint8 labels of the same shape, values from :data:`CLASS_LABELS`.
+        uint8 labels of the same shape, values from :data:`CLASS_LABELS` and ``label_values``.
+
+    Raises
+    ------
+    ValueError
+        If the model outputs a class that has no label value.
     """
     n, rows, cols = hu_slices.shape
     square, (top, left) = pad_square(np.asarray(hu_slices, dtype=np.float32), -1024.0)
     side = square.shape[-1]
-    lookup = np.array([0] + [CLASS_LABELS[name] for name in segmenter.class_names], dtype=np.uint8)
+    values = {**CLASS_LABELS, **dict(label_values or {})}
+    unknown = [name for name in segmenter.class_names if name not in values]
+    if unknown:
+        raise ValueError(f"no label value for the classes {unknown}")
+    lookup = np.array([0] + [values[name] for name in segmenter.class_names], dtype=np.uint8)
     labels = np.zeros((n, rows, cols), dtype=np.uint8)
     size = segmenter.input_px
     with torch.inference_mode():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.bodycomp.config import BodyCompModelConfig
+from inference.bodycomp.config import BodyCompModelConfig, check_weights_format
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def load_slice_selector(path: Path, device: str) -> SliceSelector:
     ValueError
         If the file is not a slice-selection checkpoint of this package.
     """
+    check_weights_format(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not a {CHECKPOINT_KIND} checkpoint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ RESERVED_KEYS = frozenset({"image", "label"})
 #: Where the preprocessed data and the trained models of a task live, under the data root.
 PREPROCESSED_DIR = "preprocessed"
 RESULTS_DIR = "results"
+#: The nnU-Net (v1) layout of the universal classifier: ``DATA/raw/nnUNet_raw_data/TaskNNN_Name``,
+#: ``DATA/preprocessed/TaskNNN_Name``, ``DATA/trained_models/nnUNet/3d_fullres/TaskNNN_Name/
+#: ClassifierTrainer__nnUNetPlansv2.1``.
+NNUNET_RAW_DIR = Path("raw") / "nnUNet_raw_data"
+NNUNET_RAW_SUBDIR = "nnUNet_raw_data"
+NNUNET_RESULTS_DIR = "trained_models"
+NNUNET_TRAINER_DIR = "ClassifierTrainer__nnUNetPlansv2.1"
+#: Configuration names here -> the configuration folder names of the nnU-Net layout.
+NNUNET_CONFIGURATIONS = {"3d": "3d_fullres"}
+#: The nnU-Net (v1) environment variables: the raw-data base (holding ``nnUNet_raw_data/``),
+#: the preprocessed folder and the trained-models folder.
+ENV_RAW = "nnUNet_raw_data_base"
+ENV_PREPROCESSED = "nnUNet_preprocessed"
+ENV_RESULTS = "RESULTS_FOLDER"
 
 
 class DatasetError(ValueError):
@@ -77,18 +92,72 @@ class TaskDataset:
         return any(case.roi_file is not None for case in self.training)
 
 
+@dataclass(frozen=True)
+class TaskRoots:
+    """The three folders of a data root: raw tasks, preprocessed tasks, trained models.
+
+    ``nnunet`` says whether trained models are filed as the nnU-Net layout files them
+    (``nnUNet/3d_fullres/TaskNNN_Name/ClassifierTrainer__nnUNetPlansv2.1``) or as
+    ``TaskNNN_Name/3d``.
+    """
+
+    raw: Path
+    preprocessed: Path
+    results: Path
+    nnunet: bool
+
+
+def task_roots(data_root: Path | TaskRoots, environ: Mapping[str, str] | None = None) -> TaskRoots:
+    """Resolve the folders of a data root in either layout, with the nnU-Net variables if given.
+
+    ``DATA/raw/nnUNet_raw_data/`` present means the nnU-Net layout (``raw/nnUNet_raw_data``,
+    ``preprocessed``, ``trained_models``); otherwise the tasks lie in ``DATA`` itself with
+    ``DATA/preprocessed`` and ``DATA/results``. Each of ``nnUNet_raw_data_base``,
+    ``nnUNet_preprocessed`` and ``RESULTS_FOLDER`` set in ``environ`` replaces its folder
+    (and selects the nnU-Net filing of trained models).
+
+    Parameters
+    ----------
+    data_root
+        The data root, or roots already resolved (returned unchanged).
+    environ
+        The environment to read the nnU-Net variables from; ``None`` reads none.
+
+    Returns
+    -------
+    TaskRoots
+        The resolved folders.
+    """
+    if isinstance(data_root, TaskRoots):
+        return data_root
+    env = {key: value for key, value in (environ or {}).items()
+           if key in (ENV_RAW, ENV_PREPROCESSED, ENV_RESULTS) and value}
+    nnunet = (data_root / NNUNET_RAW_DIR).is_dir() or bool(env)
+    if nnunet:
+        roots = TaskRoots(data_root / NNUNET_RAW_DIR, data_root / PREPROCESSED_DIR,
+                          data_root / NNUNET_RESULTS_DIR, True)
+    else:
+        roots = TaskRoots(data_root, data_root / PREPROCESSED_DIR, data_root / RESULTS_DIR, False)
+    return TaskRoots(
+        raw=Path(env[ENV_RAW]) / NNUNET_RAW_SUBDIR if ENV_RAW in env else roots.raw,
+        preprocessed=Path(env[ENV_PREPROCESSED]) if ENV_PREPROCESSED in env else roots.preprocessed,
+        results=Path(env[ENV_RESULTS]) if ENV_RESULTS in env else roots.results,
+        nnunet=nnunet,
+    )
+
+
 def task_name(task_dir: Path) -> str:
     """Return the folder name ``TaskNNN_Name`` of a task directory."""
     return task_dir.name
 
 
-def find_task_dir(data_root: Path, task: str | int) -> Path:
+def find_task_dir(data_root: Path | TaskRoots, task: str | int) -> Path:
     """Find the raw folder of a task by id (``1``, ``"001"``) or full name.
 
     Parameters
     ----------
     data_root
-        The raw-data root holding ``TaskNNN_Name/`` folders.
+        The data root (either layout, see :func:`task_roots`) or its resolved roots.
     task
         The task id or the full folder name.
 
@@ -102,33 +171,38 @@ def find_task_dir(data_root: Path, task: str | int) -> Path:
     DatasetError
         If no folder or several folders match.
     """
+    raw = task_roots(data_root).raw
     text = str(task)
     if TASK_PATTERN.match(text):
-        candidates = [data_root / text] if (data_root / text).is_dir() else []
+        candidates = [raw / text] if (raw / text).is_dir() else []
     else:
         if not text.isdigit():
             raise DatasetError(f"task {text!r}: give a task id (e.g. 1 or 001) or TaskNNN_Name")
         prefix = f"Task{int(text):03d}_"
         candidates = sorted(
-            path for path in data_root.glob(f"{prefix}*")
+            path for path in raw.glob(f"{prefix}*")
             if path.is_dir() and TASK_PATTERN.match(path.name)
         )
     if not candidates:
-        raise DatasetError(f"{data_root}: no task folder for task {text!r} (TaskNNN_Name)")
+        raise DatasetError(f"{raw}: no task folder for task {text!r} (TaskNNN_Name)")
     if len(candidates) > 1:
         names = ", ".join(path.name for path in candidates)
-        raise DatasetError(f"{data_root}: several folders for task {text!r}: {names}")
+        raise DatasetError(f"{raw}: several folders for task {text!r}: {names}")
     return candidates[0]
 
 
-def preprocessed_dir(data_root: Path, task_dir_name: str) -> Path:
+def preprocessed_dir(data_root: Path | TaskRoots, task_dir_name: str) -> Path:
     """Where ``plan-and-preprocess`` writes a task's plans and arrays."""
-    return data_root / PREPROCESSED_DIR / task_dir_name
+    return task_roots(data_root).preprocessed / task_dir_name
 
 
-def results_dir(data_root: Path, task_dir_name: str, configuration: str) -> Path:
+def results_dir(data_root: Path | TaskRoots, task_dir_name: str, configuration: str) -> Path:
     """The artifact folder of a task trained in one configuration (one sub-folder per fold)."""
-    return data_root / RESULTS_DIR / task_dir_name / configuration
+    roots = task_roots(data_root)
+    if roots.nnunet:
+        folder = NNUNET_CONFIGURATIONS.get(configuration, configuration)
+        return roots.results / "nnUNet" / folder / task_dir_name / NNUNET_TRAINER_DIR
+    return roots.results / task_dir_name / configuration
 
 
 def modality_files(folder: Path, case_id: str, n_modalities: int) -> tuple[Path, ...]:
@@ -204,11 +278,12 @@ def _parse_labels(raw: list[Any], where: str) -> tuple[ClassificationLabel, ...]
     for index, entry in enumerate(raw):
         here = f"{where}: classification_labels[{index}]"
         if not isinstance(entry, dict):
-            raise DatasetError(f"{here}: must be an object with name, ordinal and values")
+            raise DatasetError(f"{here}: must be an object with name, values and optionally ordinal")
         name = _require(entry, "name", str, here)
         if name in RESERVED_KEYS or not name:
             raise DatasetError(f"{here}: field 'name': {name!r} is reserved or empty")
-        ordinal = _require(entry, "ordinal", bool, here)
+        # the AUC23 format has ``ordinal``, but its reference implementation ignores it: optional here
+        ordinal = _require(entry, "ordinal", bool, here) if "ordinal" in entry else False
         values = _require(entry, "values", dict, here)
         keys = _consecutive_keys(values, here, "values")
         if len(keys) < 2:

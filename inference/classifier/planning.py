@@ -21,6 +21,7 @@ from inference.classifier.dataset import (
     Case,
     DatasetError,
     TaskDataset,
+    TaskRoots,
     find_task_dir,
     labels_to_json,
     load_dataset,
@@ -363,14 +364,16 @@ def five_fold_split(dataset: TaskDataset) -> list[dict[str, list[str]]]:
 
 
 def plan_and_preprocess(
-    data_root: Path,
+    data_root: Path | TaskRoots,
     task: str | int,
     *,
     fingerprint_processes: int = 1,
     preprocess_processes: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Validate, fingerprint, plan and preprocess a task into ``DATA_ROOT/preprocessed/TaskNNN_Name``.
+    """Validate, fingerprint, plan and preprocess a task into ``<preprocessed>/TaskNNN_Name``.
+
+    ``<preprocessed>`` is ``DATA_ROOT/preprocessed`` in both layouts, or ``$nnUNet_preprocessed``.
 
     Writes ``dataset.json`` (the raw one, with ``labels`` added when ROI masks are generated),
     ``fingerprint.json``, ``plans.json``, ``splits_final.json``, ``cases.json`` and per case
@@ -379,7 +382,7 @@ def plan_and_preprocess(
     Parameters
     ----------
     data_root
-        The raw-data root.
+        The data root in either layout, or its resolved roots (see ``task_roots``).
     task
         Task id or folder name.
     fingerprint_processes, preprocess_processes

@@ -18,6 +18,7 @@ from torch import nn
 from inference.classifier.dataset import (
     ArtifactError,
     DatasetError,
+    TaskRoots,
     find_task_dir,
     labels_from_json,
     preprocessed_dir,
@@ -50,7 +51,7 @@ Loaded = tuple[np.ndarray, np.ndarray]
 class _Fold:
     """The preprocessed cases, targets and configuration of one fold."""
 
-    def __init__(self, data_root: Path, task: str | int, configuration: str, fold: int) -> None:
+    def __init__(self, data_root: Path | TaskRoots, task: str | int, configuration: str, fold: int) -> None:
         if fold not in range(5):
             raise ValueError(f"FOLD must be 0-4, not {fold}")
         task_dir_name = find_task_dir(data_root, task).name
@@ -212,7 +213,7 @@ def _write_artifact_files(fold: _Fold) -> None:
 
 
 def train(
-    data_root: Path,
+    data_root: Path | TaskRoots,
     configuration: str,
     task: str | int,
     fold: int,
@@ -238,7 +239,7 @@ def train(
     Parameters
     ----------
     data_root
-        The raw-data root (preprocessed data and results live under it).
+        The data root in either layout, or its resolved roots (see ``task_roots``).
     configuration
         A configuration name from ``plans.json`` (``3d``).
     task

@@ -32,21 +32,51 @@ def _data_errors_as_config_errors(function: Callable[[argparse.Namespace], int])
     return wrapped
 
 
+#: Suffixes of a model configuration file given positionally to ``run-csv``.
+CONFIG_SUFFIXES = (".json", ".toml")
+
+
+def _config_and_paths(option: Path | None, paths: list[Path]) -> tuple[Path | None, list[Path]]:
+    """Split ``run-csv``'s positional paths into the optional CONFIG and RESULTS_DIR INPUT_DIR...
+
+    The second positional is the model configuration when it is a ``.json`` or ``.toml`` file
+    (the form these commands have always taken); ``-c/--config`` gives it as an option instead.
+    """
+    positional = paths[0] if paths and paths[0].suffix.lower() in CONFIG_SUFFIXES and paths[0].is_file() else None
+    if option is not None and positional is not None:
+        raise ConfigError(f"run-csv: two model configurations given: {positional} and -c {option}")
+    if positional is not None:
+        return positional, paths[1:]
+    return option, paths
+
+
 def cmd_run_csv(args: argparse.Namespace) -> int:
     from offline.bodycomp.csv_runner import RunOptions, read_directory_list, run_csv
 
+    from inference.bodycomp.config import DEFAULT_CONFIG
+
+    config, rest = _config_and_paths(args.config, args.paths)
+    if len(rest) < 2:
+        raise ConfigError("run-csv: give RESULTS_DIR and at least one INPUT_DIR after the CSV (and the optional CONFIG)")
+    results_dir, input_dirs = rest[0], rest[1:]
+    if config is None:
+        config = DEFAULT_CONFIG
+        logger.info("run-csv: no model configuration given: using the shipped %s (classical path, L3)", config)
+    if args.rerun_exceptions and not args.keep_existing:
+        logger.warning("-e/--rerun_exceptions only applies with -k/--keep_existing; without -k every study "
+                       "is processed again anyway")
     inputs: list[Path] = []
-    for path in args.input_dirs:
+    for path in input_dirs:
         inputs.extend(read_directory_list(path) if args.use_directory_list else [path])
     options = RunOptions(
         num_threads=args.num_threads, segmentation_range_mm=args.segmentation_range,
         keep_existing=args.keep_existing, rerun_exceptions=args.rerun_exceptions,
-        recursive=args.recursive, dicom_seg=args.dicom_seg,
+        recursive=args.recursive, studies_at_any_depth=args.studies_at_any_depth, dicom_seg=args.dicom_seg,
         min_slices_per_series=args.min_slices_per_series, device=args.device,
         progress=not args.no_progress,
     )
-    counts = run_csv(args.csv, args.config, args.results_dir, inputs, options)
-    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; results in {args.results_dir}")
+    counts = run_csv(args.csv, config, results_dir, inputs, options)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; results in {results_dir}")
     return 0 if counts["failed"] == 0 and counts["not_found"] == 0 else 1
 
 
@@ -96,7 +126,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _train_device(gpus: int) -> str:
     import torch
 
-    return "cuda:0" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    if gpus > 0 and not torch.cuda.is_available():
+        logger.warning("-g/--gpus %d: no CUDA GPU is available here; training on the CPU", gpus)
+        return "cpu"
+    return "cuda:0" if gpus > 0 else "cpu"
 
 
 def cmd_train_body_segmentation(args: argparse.Namespace) -> int:
@@ -149,9 +182,10 @@ def add_parsers(parsers: CommandParsers) -> None:
     subparsers = parsers.commands
     p = subparsers.add_parser("run-csv", help="body composition on the studies a CSV lists")
     p.add_argument("csv", type=Path, help="columns MRN and ACC (folders MRN_ACC), or StudyName")
-    p.add_argument("config", type=Path, help="model configuration (JSON or TOML); no weights: classical path")
-    p.add_argument("results_dir", type=Path)
-    p.add_argument("input_dirs", type=Path, nargs="+", metavar="INPUT_DIR")
+    p.add_argument("paths", type=Path, nargs="+", metavar="[CONFIG] RESULTS_DIR INPUT_DIR",
+                   help="CONFIG: model configuration (.json or .toml; no weights: classical path); default the "
+                        "shipped inference/bodycomp/configs/default.json (classical, L3)")
+    p.add_argument("-c", "--config", type=Path, help="the model configuration, as an option")
     p.add_argument("-t", "--num_threads", type=int, default=1, help="threads reading DICOM files")
     p.add_argument("-r", "--segmentation_range", type=float, default=0.0,
                    help="also segment every slice within this many mm of the level and average")
@@ -159,7 +193,10 @@ def add_parsers(parsers: CommandParsers) -> None:
                    help="each INPUT_DIR is a text file listing input folders, one per line")
     p.add_argument("-k", "--keep_existing", action="store_true", help="skip studies already done")
     p.add_argument("-e", "--rerun_exceptions", action="store_true", help="with -k, redo failed studies")
-    p.add_argument("-R", "--recursive", action="store_true", help="look for study folders at any depth")
+    p.add_argument("-R", "--recursive", action="store_true",
+                   help="read the files in each study folder's sub-folders too (default: only files directly in it)")
+    p.add_argument("-S", "--studies_at_any_depth", action="store_true",
+                   help="find study folders at any depth below each INPUT_DIR (default: directly in it)")
     p.add_argument("-d", "--dicom_seg", action="store_true", help="also write a DICOM SEG per series")
     p.add_argument("-m", "--min_slices_per_series", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")

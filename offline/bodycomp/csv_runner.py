@@ -87,6 +87,7 @@ class RunOptions:
     keep_existing: bool = False
     rerun_exceptions: bool = False
     recursive: bool = False
+    studies_at_any_depth: bool = False
     dicom_seg: bool = False
     min_slices_per_series: int = 20
     device: str = "cpu"
@@ -154,7 +155,10 @@ def read_directory_list(path: Path) -> list[Path]:
 
 
 def find_study_folders(input_dirs: Sequence[Path], names: set[str], recursive: bool) -> dict[str, Path]:
-    """Map study names to folders of that name in the input folders (the first found wins)."""
+    """Map study names to folders of that name in the input folders (the first found wins).
+
+    ``recursive`` finds study folders at any depth below an input folder, not only directly in it.
+    """
     found: dict[str, Path] = {}
     for root in input_dirs:
         if not root.is_dir():
@@ -177,9 +181,20 @@ def _read_header(path: Path) -> Dataset | None:
         return None
 
 
-def scan_series(folder: Path, threads: int) -> dict[str, tuple[SeriesInfo, list[Path], Dataset]]:
-    """Group the DICOM files under ``folder`` (any names, any depth) by series, headers read in threads."""
-    paths = list(iter_files(folder, include_hidden=True))
+def scan_series(
+    folder: Path, threads: int, recursive: bool = True
+) -> dict[str, tuple[SeriesInfo, list[Path], Dataset]]:
+    """Group the DICOM files of a study folder (any names) by series, headers read in threads.
+
+    ``recursive`` also reads the files in its sub-folders at any depth; otherwise only the
+    files directly in ``folder``.
+    """
+    if recursive:
+        paths = list(iter_files(folder, include_hidden=True))
+    else:
+        paths = sorted(path for path in folder.iterdir() if path.is_file())
+        if not paths and any(path.is_dir() for path in folder.iterdir()):
+            logger.info("%s holds only sub-folders: -R/--recursive reads the files in them", folder)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         headers = list(pool.map(_read_header, paths))
     grouped: dict[str, tuple[list[Path], Dataset]] = {}
@@ -263,7 +278,7 @@ def process_study(
     record: dict[str, Any] = {"study": request.name, "MRN": request.mrn, "ACC": request.acc,
                               "found": True, "folder": str(folder), "error": None, "series": [],
                               "passed_over": []}
-    series = scan_series(folder, options.num_threads)
+    series = scan_series(folder, options.num_threads, options.recursive)
     # every usable series is measured here; filtered_summary.csv then keeps the best one
     every_series = dataclasses.replace(analysis.rule, choose=None)
     selection = select_series([info for info, _, _ in series.values()], every_series,
@@ -296,7 +311,11 @@ def process_study(
         })
     done = [s for s in record["series"] if s["state"] == "done"]
     if not selection.selected:
-        record["error"] = f"no usable series: {selection.explain() or 'no DICOM images found'}"
+        if not series and not options.recursive and any(path.is_dir() for path in folder.iterdir()):
+            record["error"] = ("no usable series: no DICOM images directly in the study folder "
+                               "(-R/--recursive reads its sub-folders)")
+        else:
+            record["error"] = f"no usable series: {selection.explain() or 'no DICOM images found'}"
     elif not done:
         record["error"] = "; ".join(f"{s['series_instance_uid']}: {s['reason']}" for s in record["series"])
     record["seconds"] = round(time.perf_counter() - started, 3)
@@ -338,6 +357,10 @@ def _series_row(record: dict[str, Any], series: dict[str, Any]) -> dict[str, Any
             above = np.asarray(curve) >= target
             if int(np.count_nonzero(above[1:] != above[:-1])) > 1:
                 flags.append("ambiguous_slice_selection")
+    missing = details.get("levels_not_found", {})
+    if missing:
+        row["levels_not_found"] = " ".join(missing)
+        flags.append("level_not_found")
     row["flags"] = ";".join(dict.fromkeys(flags))
     return row
 
@@ -433,7 +456,7 @@ def run_csv(
     for sub in ("json_files", "previews", "plots") + (("all_slices",) if options.segmentation_range_mm else ()) \
             + (("dicom_seg",) if options.dicom_seg else ()):
         (results_dir / sub).mkdir(parents=True, exist_ok=True)
-    folders = find_study_folders(input_dirs, {r.name for r in requests}, options.recursive)
+    folders = find_study_folders(input_dirs, {r.name for r in requests}, options.studies_at_any_depth)
     counts = {"studies": len(requests), "processed": 0, "skipped": 0, "failed": 0, "not_found": 0}
     records: dict[str, dict[str, Any]] = {}
     for request in tqdm(requests, desc="studies", unit="study", disable=not options.progress):

@@ -255,3 +255,15 @@ def test_destination_option_understands_tls() -> None:
     assert parse_destination("ORTHANC@pacs:2762+tls") == (
         "orthanc", {"ae_title": "ORTHANC", "host": "pacs", "port": 2762, "tls": True})
     assert "tls" not in parse_destination("ORTHANC@pacs:4242")[1]
+def test_job_server_keys_are_validated_and_default_under_the_data_dir(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[api]\njobs_root = "jobs"\n[api.job_names]\n"3dblur" = ""\n[node]\nlog_max_bytes = 10\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "node.toml: api.jobs_root: jobs_root 'jobs' must be an absolute path" in text
+    assert "node.toml: api.job_names: job name '3dblur' -> '': neither may be empty" in text
+    assert "node.toml: node.log_max_bytes: Input should be greater than or equal to 4096" in text
+    config = build_config({"node": {"data_dir": str(tmp_path)}})
+    assert config.api.jobs_folder(config.node.data_dir) == tmp_path / "jobs"
+    assert config.api.job_names == {"3dblur": "gaussian-blur"} and config.node.log_file is None

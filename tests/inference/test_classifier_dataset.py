@@ -103,6 +103,15 @@ def test_validation_names_the_case_and_the_field(
         load_dataset(task)
 
 
+def test_ordinal_may_be_left_out_of_the_labels(task: Path) -> None:
+    edit(task, lambda d: [label.pop("ordinal") for label in d["classification_labels"]])
+    labels = load_dataset(task).classification_labels
+    assert [label.ordinal for label in labels] == [False, False] and len(labels[0].classes) == 2
+    edit(task, lambda d: d["classification_labels"][0].update(ordinal="yes"))
+    with pytest.raises(DatasetError, match=r"classification_labels\[0\]: field 'ordinal' must be a bool, not 'yes'"):
+        load_dataset(task)
+
+
 def test_missing_image_file_is_named(task: Path) -> None:
     case = first_case(task)
     (task / "imagesTr" / f"{case}_0000.nii.gz").unlink()

@@ -51,7 +51,7 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for package in ("dicom_node", "inference", "reports", "offline"):
+    for package in ("dicom_node", "inference", "reports", "offline", "universalclassifier"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
@@ -60,6 +60,7 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         assert "inference/classifier/__init__.py" in names and "offline/classifier.py" in names
+        assert {"universalclassifier/__init__.py", "universalclassifier/requirements.txt"} <= set(names)
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "classifier = inference.classifier.analysis:ClassifierAnalysis" in archive.read(entry_points).decode()
 
@@ -75,7 +76,10 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
         "import json, sys\n"
         "import inference.classifier as c\n"
         "from inference.classifier import predict\n"
-        "print(json.dumps({'file': c.__file__, 'p': predict(sys.argv[1], [sys.argv[2]])}))\n"
+        "import universalclassifier as uc\n"
+        "print(json.dumps({'file': c.__file__, 'p': predict(sys.argv[1], [sys.argv[2]]),\n"
+        "                  'uc_file': uc.__file__,\n"
+        "                  'uc': uc.predict(sys.argv[1], [sys.argv[2]], roi_segmentation_file=None)}))\n"
     )
     image = next((data / "Task001_HippocampusVolumeNoROI" / "imagesTs").glob("*_0000.nii.gz"))
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
@@ -85,3 +89,19 @@ def test_wheel_installs_and_predicts_in_a_clean_venv(tmp_path: Path) -> None:
     probabilities = result["p"]["hippocampus_volume"]
     assert set(probabilities) == {"at or below median", "above median"}
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    # the AUC23 spelling: ``import universalclassifier``, from the wheel, with the same answer
+    assert Path(result["uc_file"]).is_relative_to(venv), result["uc_file"]
+    assert result["uc"] == result["p"]
+    for script_name in ("uc_plan_and_preprocess", "uc_train", "uc_predict"):  # console scripts of the wheel
+        shown = run([str(venv / "bin" / script_name), "--help"], cwd=tmp_path, env=env)
+        assert shown.stdout.startswith(f"usage: {script_name} ") and "DATA" in shown.stdout
+
+
+def test_universalclassifier_requirements_agree_with_the_project() -> None:
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in (REPO / "universalclassifier" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines and set(lines) <= set(declared), set(lines) - set(declared)
+    assert "torch==2.13.0" in lines

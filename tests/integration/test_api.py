@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -68,13 +69,16 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreScpProcess]:
 def node(tmp_path_factory: pytest.TempPathFactory, pacs: StoreScpProcess) -> Iterator[tuple[NodeProcess, Api]]:
     api_port = free_port()
     config = {
-        "api": {"enabled": True, "port": api_port, "token": TOKEN},
+        "api": {"enabled": True, "port": api_port, "token": TOKEN,
+                "job_names": {"3dblur": "gaussian-blur", "slowjob": "slow"}},
         "tasks": {"gaussian-blur": {"plugin": "inference.blur.task:GaussianBlurTask",
                                     "series_numbers": {"derived": 8801}},
                   "slow": {"plugin": "tests.integration.slow_plugin:SlowHippocampus",
                            "options": {"delay_s": 4.0}}},
     }
-    process = NodeProcess(tmp_path_factory.mktemp("node"), port=free_port(),
+    work_dir = tmp_path_factory.mktemp("node")
+    config["node"] = {"log_file": str(work_dir / "debug.log")}
+    process = NodeProcess(work_dir, port=free_port(),
                           destinations={"pacs": (pacs.aet, pacs.host, pacs.port)}, config=config)
     process.start()
     yield process, Api(api_port)
@@ -189,3 +193,101 @@ def test_study_jobs_cancel_retry_filters_and_metrics(node: tuple[NodeProcess, Ap
     assert received["api"] >= 32
     depth = {s.labels["queue"]: s.value for s in families["dicom_node_queue_depth"].samples}
     assert depth["jobs"] == 0
+
+
+def _series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_a_folder_job_runs_on_the_series_in_that_folder_not_an_older_one(node: tuple[NodeProcess, Api]) -> None:
+    _, api = node
+    status, first = api("POST", "/jobs", {"task": "gaussian-blur", "input": {"dir": str(HIPPO_CROP_STUDY1)}})
+    assert status == 201 and api.wait_final(first["uid"])["status"] == "done"  # the study is known now
+    t1post = WHOLE_HEAD / "12-T1post-05670"  # same study, a series the node has not had
+    status, second = api("POST", "/jobs", {"task": "gaussian-blur", "input": {"dir": str(t1post)},
+                                           "options": {"sigma_mm": 1.0}})
+    assert status == 201
+    job = api.wait_final(second["uid"], deadline_s=120)
+    assert job["status"] == "done", job["reason"]
+    assert job["series_instance_uid"] == _series_uid(t1post) != _series_uid(HIPPO_CROP_STUDY1)
+    derived = job["outputs"]["derived_series"]
+    assert len(derived["sop_instance_uids"]) == len(list(t1post.iterdir())) == 22
+
+
+def test_job_server_calls_as_the_processing_pipeline_made_them(node: tuple[NodeProcess, Api]) -> None:
+    process, api = node
+    jobs_root = process.data_dir / "jobs"
+    shutil.copytree(HIPPO_CROP_STUDY1, jobs_root / "dicom_data")
+    status, body = api("POST", "/job/", {"job_name": "3dblur", "in_dir": "dicom_data"})
+    assert status == 201 and set(body) == {"uid"}, body
+
+    def completed() -> dict[str, Any] | None:
+        status, answer = api("GET", f"/query/{body['uid']}")
+        assert status in (200, 202), answer
+        if status == 202:
+            assert answer["msg"] == "Job is running"
+            return None
+        return dict(answer)
+
+    done = wait_until(completed, deadline_s=60, what="job completed", poll_s=0.2)
+    assert done["msg"] == "Job has completed"
+    output_dir = Path(done["output_dir"])
+    images = sorted(output_dir.glob("derived-*.dcm"))
+    assert len(images) == 32
+    source = load_series_files(sorted((jobs_root / "dicom_data").glob("*.dcm")))
+    result = load_series_files(images)
+    np.testing.assert_allclose(result.affine, source.affine)
+    reference = ndimage.gaussian_filter(source.array.astype(np.float64),
+                                        sigma_voxels([2.0] * 3, source.spacing_mm), truncate=4.0)
+    assert np.abs(result.array - reference).max() <= 0.5 + 1e-4
+    assert result.series_instance_uid != source.series_instance_uid
+    assert pydicom.dcmread(images[0]).ImageType[0] == "DERIVED"
+    # the same call without the trailing slash, and a job seen while it runs
+    status, slow = api("POST", "/job", {"job_name": "slowjob", "in_dir": str(jobs_root / "dicom_data")})
+    assert status == 201
+    status, running = api("GET", f"/query/{slow['uid']}")  # the slow task takes 4 s
+    assert status == 202 and running["msg"] == "Job is running"
+    assert wait_until(completed_of(api, slow["uid"]), deadline_s=60, what="slow job")["msg"] == "Job has completed"
+
+
+def completed_of(api: Api, uid: str) -> Any:
+    def check() -> dict[str, Any] | None:
+        status, answer = api("GET", f"/query/{uid}")
+        return dict(answer) if status != 202 else None
+    return check
+
+
+def test_job_server_refusals_say_why(node: tuple[NodeProcess, Api], tmp_path: Path) -> None:
+    process, api = node
+    jobs_root = process.data_dir / "jobs"
+    head = WHOLE_HEAD / "12-T1post-05670"
+    shutil.copytree(head, jobs_root / "head")
+    (jobs_root / "escape").symlink_to(HIPPO_CROP_STUDY1, target_is_directory=True)
+    (tmp_path / "outside").mkdir()
+    cases = [
+        ({"job_name": "3dblur", "in_dir": "../spool"}, "outside the jobs folder"),
+        ({"job_name": "3dblur", "in_dir": "../../../../../../etc"}, "outside the jobs folder"),
+        ({"job_name": "3dblur", "in_dir": str(tmp_path / "outside")}, "outside the jobs folder"),
+        ({"job_name": "3dblur", "in_dir": "escape"}, "outside the jobs folder"),
+        ({"job_name": "3dblur", "in_dir": "."}, "not the jobs folder itself"),
+        ({"job_name": "3dblur", "in_dir": "no_such_folder"}, "is not a folder"),
+        ({"job_name": "4dblur", "in_dir": "head"}, "unknown job '4dblur'"),
+        ({"job_name": "3dblur"}, "in_dir: required"),
+        ({"job_name": "3dblur", "in_dir": "head", "sigma": 3}, "sigma: unknown field"),
+        (["3dblur", "head"], "expected a JSON object"),
+    ]
+    for request, message in cases:
+        status, answer = api("POST", "/job/", request)
+        assert status == 400 and message in answer["msg"], (request, answer)
+    assert "job request refused: in_dir" in process.log_text()
+    assert api("POST", "/job/", {"job_name": "3dblur", "in_dir": "head"}, token=None)[0] == 401
+    status, answer = api("GET", "/query/no-such-uid")
+    assert status == 404 and "no-such-uid" in answer["msg"]
+    # a task's own name works too; a job with nothing to run on ends with a 4xx and the reason
+    status, body = api("POST", "/job/", {"job_name": "hippocampus", "in_dir": "head"})
+    assert status == 201
+    status, answer = wait_until(lambda: (r := api("GET", f"/query/{body['uid']}"))[0] != 202 and r,
+                                deadline_s=30, what="final")
+    assert status == 422 and answer["msg"].startswith("Job has nothing to run on: no series matches"), answer
+    logged = (process.work_dir / "debug.log").read_text(encoding="utf-8")
+    assert "serving on" in logged and f"job {body['uid']} requested" in logged

@@ -52,3 +52,28 @@ def test_batch_reports_every_study_and_fails_if_one_failed(
     assert "could not be decoded" in by_study["broken"]["jobs"][0]["reason"]
     assert by_study["empty"]["error"] == "no DICOM images found"
     assert "2 of 4 studies succeeded" in capsys.readouterr().out
+
+
+def test_convert_takes_the_processing_pipeline_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crop = HIPPO_DICOM / "Study1" / "13_HCropVolume"
+    h5, header, out = tmp_path / "vol.h5", tmp_path / "vol.json", tmp_path / "out"
+    # dicom_to_hd5.py -i DICOM_DIR -h OUT.h5 -j OUT.json
+    assert main(["convert", "to-hdf5", "-i", str(crop), "-h", str(h5), "-j", str(header)]) == 0
+    assert h5.is_file() and json.loads(header.read_text())["series"]["Modality"] == "MR"
+    # hd5_to_dicom.py -h IN.h5 -d TEMPLATE.dcm -o OUT_DIR, with one template file
+    template = sorted(crop.glob("*.dcm"))[0]
+    assert main(["convert", "to-dicom", "-h", str(h5), "-d", str(template), "-o", str(out)]) == 0
+    assert "wrote 32 image(s)" in capsys.readouterr().out
+    assert len(list(out.glob("*.dcm"))) == 32
+    # positional arguments as before
+    assert main(["convert", "to-dicom", str(h5), str(crop), str(tmp_path / "out2")]) == 0
+    assert len(list((tmp_path / "out2").glob("*.dcm"))) == 32
+    with pytest.raises(SystemExit) as shown:
+        main(["convert", "to-hdf5", "--help"])
+    assert shown.value.code == 0 and "-h HDF5, --hdf5 HDF5" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["convert", "to-hdf5", "-i", str(crop), "-j", str(header)])
+    assert refused.value.code == 2 and "give OUT_H5 or -h/--hdf5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", "to-hdf5", str(crop), str(h5), str(header), "-i", str(tmp_path)])
+    assert "DICOM_DIR and -i/--input-dicom name the same input" in capsys.readouterr().err

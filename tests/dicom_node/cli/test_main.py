@@ -13,7 +13,7 @@ import pytest
 from dicom_node.cli.main import ENTRY_POINT_GROUP, build_parser, main
 from dicom_node.state.records import InstanceRecord, PlannedJob
 from dicom_node.state.sqlite import SqliteLedger
-from tests.conftest import REPO
+from tests.conftest import HIPPO_CROP_STUDY1, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +118,46 @@ def test_installed_commands_share_the_train_group(capsys: pytest.CaptureFixture[
     assert parser.parse_args(["train", "hippocampus", "--epochs", "1"]).model == "hippocampus"
     assert parser.parse_args(["train", "slice-selection", "data", "models"]).model == "slice-selection"
     assert parser.parse_args(["batch", "a", "b", "--out", "o"]).workers == 2
+
+
+def test_log_file_gets_every_line_and_rotates(tmp_path: Path) -> None:
+    import logging
+
+    from dicom_node.cli.main import add_log_file
+    from dicom_node.errors import ConfigError
+
+    log = tmp_path / "logs" / "debug.log"
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        add_log_file(log, max_bytes=4096, backup_count=2)
+        add_log_file(log, max_bytes=4096, backup_count=2)  # once per file, not twice
+        assert len(root.handlers) == len(before) + 1
+        for k in range(200):
+            logging.getLogger("dicom_node.test").info("line %03d of the rotation test", k)
+        assert "line 199 of the rotation test" in log.read_text(encoding="utf-8")
+        assert (tmp_path / "logs" / "debug.log.1").is_file() and (tmp_path / "logs" / "debug.log.2").is_file()
+        assert not (tmp_path / "logs" / "debug.log.3").exists()
+        assert log.stat().st_size <= 4096
+        with pytest.raises(ConfigError, match="--log-file: cannot write"):
+            add_log_file(tmp_path / "logs" / "debug.log.1" / "x.log", key="--log-file")
+    finally:
+        for handler in root.handlers[len(before):]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+def test_batch_commands_log_to_a_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    log = tmp_path / "debug.log"
+    done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "--log-file", str(log), "convert", "to-hdf5",
+                           str(HIPPO_CROP_STUDY1), str(tmp_path / "v.h5"), str(tmp_path / "v.json")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "offline.hdf5: wrote" in log.read_text(encoding="utf-8")
+    assert "offline.hdf5: wrote" in done.stderr  # and still on stderr

@@ -88,7 +88,7 @@ def first_run(inputs: dict[str, object], tmp_path_factory: pytest.TempPathFactor
     assert isinstance(root, Path)
     results = tmp_path_factory.mktemp("csv-results")
     code = cli(["run-csv", str(inputs["csv"]), str(inputs["config"]), str(results), str(root / "in1"),
-                str(root / "in2"), "-t", "2", "-r", "3", "-d", "--no-progress"])
+                str(root / "in2"), "-R", "-t", "2", "-r", "3", "-d", "--no-progress"])
     return code, results
 
 
@@ -138,7 +138,7 @@ def test_keep_existing_skips_and_rerun_exceptions_redoes_failures(
     for path in (good, bad):
         os.utime(path, (1_000_000, 1_000_000))
     base = ["run-csv", str(inputs["csv"]), str(inputs["config"]), str(results), str(root / "in1"),
-            str(root / "in2"), "--no-progress"]
+            str(root / "in2"), "-R", "--no-progress"]
     cli([*base, "-k"])
     assert good.stat().st_mtime == 1_000_000 and bad.stat().st_mtime == 1_000_000
     assert len(read_rows(results / "summary.csv")) == 3  # summaries still cover the skipped studies
@@ -155,11 +155,16 @@ def test_directory_list_recursive_and_study_names(inputs: dict[str, object], tmp
     names.write_text("StudyName\nstudyB\n")
     results = tmp_path / "out"
     args = ["run-csv", str(names), str(inputs["config"]), str(results), str(listing), "-l", "--no-progress"]
-    assert cli(args) == 1  # studyB is two levels down: not found without -R
-    assert cli([*args, "-R", "-m", "200"]) == 1  # found, but 112 slices < 200: no usable series
+    assert cli([*args, "-R"]) == 1  # studyB is two levels down: not found without -S
+    assert not json.loads((results / "json_files" / "studyB.json").read_text())["found"]
+    assert cli([*args, "-S"]) == 1  # found, but its files lie in a sub-folder: read only with -R
+    record = json.loads((results / "json_files" / "studyB.json").read_text())
+    assert record["found"] and record["error"] == (
+        "no usable series: no DICOM images directly in the study folder (-R/--recursive reads its sub-folders)")
+    assert cli([*args, "-S", "-R", "-m", "200"]) == 1  # found, but 112 slices < 200: no usable series
     record = json.loads((results / "json_files" / "studyB.json").read_text())
     assert record["found"] and "fewer than the minimum of 200" in record["error"]
-    assert cli([*args, "-R", "-t", "2"]) == 0
+    assert cli([*args, "-S", "-R", "-t", "2"]) == 0
     record = json.loads((results / "json_files" / "studyB.json").read_text())
     assert [s["series_instance_uid"] for s in record["series"]] == inputs["b_series"]
 
@@ -195,3 +200,63 @@ def test_organize_sorts_a_dump_into_study_folders(tmp_path: Path) -> None:
     assert folders == ["A_B_7_ACC00002", "P2_X_9"]
     assert len(list((tmp_path / "out" / "P2_X_9").iterdir())) == 4
     assert len(list((tmp_path / "out" / "A_B_7_ACC00002").iterdir())) == 5
+
+
+def test_files_directly_in_the_study_folder_without_r_and_the_shipped_configuration(
+    inputs: dict[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = inputs["root"]
+    assert isinstance(root, Path)
+    flat = tmp_path / "in" / "MRN001_ACC001"
+    flat.mkdir(parents=True)
+    for path in sorted((root / "in1" / "MRN001_ACC001" / "sub0").iterdir()):
+        (flat / path.name).symlink_to(path)
+    (flat / "old").mkdir()  # a sub-folder holding another series, not read without -R
+    for path in sorted((root / "in1" / "MRN001_ACC001" / "sub1").iterdir()):
+        (flat / "old" / path.name).symlink_to(path)
+    names = tmp_path / "one.csv"
+    names.write_text("MRN,ACC\nMRN001,ACC001\n")
+    results = tmp_path / "out"
+    caplog.set_level("INFO")
+    # no CONFIG: the shipped configuration (classical path, L3); -e without -k says it does nothing
+    assert cli(["run-csv", str(names), str(results), str(tmp_path / "in"), "-e", "-t", "2", "--no-progress"]) == 0
+    record = json.loads((results / "json_files" / "MRN001_ACC001.json").read_text())
+    assert [s["kernel"] for s in record["series"]] == ["B30f"]  # only the files directly in the folder
+    assert record["series"][0]["details"]["path"] == "classical HU thresholds"
+    assert "configs/default.json" in caplog.text
+    assert "-e/--rerun_exceptions only applies with -k/--keep_existing" in caplog.text
+    # the same configuration given as -c, and as the positional CONFIG
+    assert cli(["run-csv", str(names), str(results / "c"), str(tmp_path / "in"), "-c", str(inputs["config"]),
+                "-R", "-t", "2", "--no-progress"]) == 0
+    record = json.loads((results / "c" / "json_files" / "MRN001_ACC001.json").read_text())
+    assert sorted(s["kernel"] for s in record["series"]) == ["B30f", "B70f"]  # -R: the sub-folder too
+    with pytest.raises(ConfigError, match="two model configurations"):
+        cli(["run-csv", str(names), str(inputs["config"]), str(results), str(tmp_path / "in"),
+             "-c", str(inputs["config"])])
+    with pytest.raises(ConfigError, match="give RESULTS_DIR and at least one INPUT_DIR"):
+        cli(["run-csv", str(names), str(inputs["config"]), str(results)])
+
+
+def test_several_levels_on_an_abdomen_ct_keep_l3_and_one_preview(inputs: dict[str, object], tmp_path: Path) -> None:
+    root = inputs["root"]
+    assert isinstance(root, Path)
+    config = tmp_path / "levels.json"
+    config.write_text(json.dumps({"slice_params": {
+        "T5": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "blue"},
+        "T8": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "green"},
+        "T10": {"class_names": ["muscle", "subcutaneous_fat"], "regression_plot_colour": "orange"},
+        "L1": {"regression_plot_colour": "purple"},
+        "L3": {"regression_plot_colour": "red"}}}))
+    names = tmp_path / "one.csv"
+    names.write_text("StudyName\nstudyB\n")
+    results = tmp_path / "out"
+    assert cli(["run-csv", str(names), str(config), str(results), str(root / "in2" / "deeper"), "-R", "-r", "3",
+                "-t", "2", "--no-progress"]) == 0
+    record = json.loads((results / "json_files" / "studyB.json").read_text())
+    (series,) = record["series"]
+    assert series["state"] == "done" and list(series["details"]["levels"]) == ["L1", "L3"]
+    assert list(series["details"]["levels_not_found"]) == ["T5", "T8", "T10"]
+    assert [p.name for p in (results / "previews").iterdir()] == [f"studyB_{series['series_instance_uid']}_preview.png"]
+    (row,) = read_rows(results / "summary.csv")
+    assert row["levels_not_found"] == "T5 T8 T10" and "level_not_found" in row["flags"].split(";")
+    assert 80.0 < float(row["L3_muscle_area_cm2"]) < 250.0 and float(row["L1_muscle_area_cm2"]) > 0
