@@ -140,6 +140,33 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """How far the model itself trusts one result.
+
+    Parameters
+    ----------
+    low_confidence
+        ``True`` when any check fell outside its limit; reports show it prominently.
+    reasons
+        One sentence per failed check, e.g. ``"image and mirror disagree (Dice 0.41 < 0.80)"``;
+        empty when ``low_confidence`` is ``False``.
+    checks
+        The value of every check, by name (``{"mirror_agreement_dice": 0.97, ...}``).
+    derivation
+        How the limits were derived (data and rule), so a reader can judge them.
+    """
+
+    low_confidence: bool
+    reasons: tuple[str, ...] = ()
+    checks: dict[str, float] = field(default_factory=dict)
+    derivation: str = ""
+
+    def __post_init__(self) -> None:
+        if self.low_confidence != bool(self.reasons):
+            raise ValueError("a low-confidence result needs reasons, and only it has them")
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
     """What an analysis returns for one series.
 
@@ -152,6 +179,9 @@ class AnalysisResult:
     A processing task returns an image instead: ``derived_image`` (float, in the modality's
     units, same shape and order as ``label_map`` would have) becomes a derived series over
     the source geometry, described by ``derived_description`` ("Gaussian blur, sigma 2 mm").
+
+    ``quality``, when the analysis can judge its own result, flags a low-confidence result
+    (see :class:`Quality`); ``None`` means the analysis makes no such judgement.
     """
 
     analysis: str
@@ -167,6 +197,7 @@ class AnalysisResult:
     summary: dict[str, Any] = field(default_factory=dict)
     derived_image: np.ndarray | None = None
     derived_description: str = ""
+    quality: Quality | None = None
 
     def __post_init__(self) -> None:
         if self.derived_image is not None and self.derived_image.ndim != 3:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 #: A coded concept as plain data: (code value, coding scheme designator, code meaning).
@@ -48,6 +48,22 @@ class MeasurementLike(Protocol):
 
     @property
     def structure_label(self) -> int | None: ...
+
+
+class QualityLike(Protocol):
+    """How far the analysis trusts its own result: a flag, reasons, check values, derivation."""
+
+    @property
+    def low_confidence(self) -> bool: ...
+
+    @property
+    def reasons(self) -> Sequence[str]: ...
+
+    @property
+    def checks(self) -> Mapping[str, float]: ...
+
+    @property
+    def derivation(self) -> str: ...
 
 
 class FindingLike(Protocol):

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from reports.identity import Identity, copy_study_attributes, equipment_kwargs, source_headers
 from reports.preview import MAX_KEY_SLICES, choose_key_slices, render_report_png
-from reports.protocols import FindingLike, MeasurementLike, StructureLike
+from reports.protocols import FindingLike, MeasurementLike, QualityLike, StructureLike
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def build_report_image(
     series_number: int,
     instance_number: int = 1,
     series_description: str,
+    quality: QualityLike | None = None,
 ) -> Dataset:
     """Build the RGB Secondary Capture summary page of one analysis.
 
@@ -96,6 +97,9 @@ def build_report_image(
         Series Number and Instance Number of the new instance.
     series_description
         Series Description of the new series.
+    quality
+        The analysis' judgement of its result; a low-confidence result is marked in red on
+        the page and in Image Comments.
 
     Returns
     -------
@@ -129,6 +133,7 @@ def build_report_image(
         model_version=model_version,
         method=method,
         identity=identity,
+        quality=quality,
     )
     reference = source_headers(source_images[:1])[0]
     orientation = patient_orientation(reference)
@@ -156,6 +161,8 @@ def build_report_image(
     image.ConversionType = "WSD"
     image.BurnedInAnnotation = "YES"
     image.DerivationDescription = f"Result summary of {model_name} {model_version}"[:1024]
+    if quality is not None and quality.low_confidence:
+        image.ImageComments = ("LOW CONFIDENCE: " + "; ".join(quality.reasons))[:10240]
     image.SourceImageSequence = []
     for index in key_slices:
         item = Dataset()

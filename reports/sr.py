@@ -18,7 +18,7 @@ from reports.identity import (
     source_headers,
 )
 from reports.outline import outline_largest_section
-from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
+from reports.protocols import Code, FindingLike, MeasurementLike, QualityLike, StructureLike
 from reports.uids import derive_uid
 
 #: A structure is outlined only where one outline is faithful to it: at most this fraction of
@@ -315,6 +315,57 @@ def build_finding_group(
     )
 
 
+#: TID 1500 qualitative evaluation of the whole result: "Analysis Quality Rating" (DCM 111693,
+#: the rating CAD reports use for the quality of an automated analysis) valued with the CID 6044
+#: pair "Usable - Meets / Does not meet the quality control standard" (DCM 111237 / 111236):
+#: standard codes a receiving system can test without parsing text.
+ANALYSIS_QUALITY_RATING: Code = ("111693", "DCM", "Analysis Quality Rating")
+MEETS_QUALITY_STANDARD: Code = ("111237", "DCM", "Usable - Meets the quality control standard")
+FAILS_QUALITY_STANDARD: Code = ("111236", "DCM", "Usable - Does not meet the quality control standard")
+QUALITY_TRACKING_ID = "Result quality"
+
+
+def build_quality_group(
+    quality: QualityLike,
+    headers: Sequence[Dataset],
+    *,
+    tracking_seed: str,
+    identity: Identity,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group that records how far the analysis trusts its result.
+
+    One qualitative evaluation, :data:`ANALYSIS_QUALITY_RATING`, valued
+    :data:`FAILS_QUALITY_STANDARD` for a low-confidence result and
+    :data:`MEETS_QUALITY_STANDARD` otherwise; the group's tracking identifier is
+    ``"Result quality"`` followed by the reasons, so a reader sees why.
+
+    Parameters
+    ----------
+    quality
+        The analysis' judgement.
+    headers
+        The source images (without pixel data).
+    tracking_seed
+        Seed of the deterministic tracking UID.
+    identity
+        Algorithm identification.
+    """
+    text = QUALITY_TRACKING_ID
+    if quality.low_confidence:
+        text += ": low confidence: " + "; ".join(quality.reasons)
+    value = FAILS_QUALITY_STANDARD if quality.low_confidence else MEETS_QUALITY_STANDARD
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_tracking_uid(tracking_seed, "quality"), identifier=text
+        ),
+        algorithm_id=build_sr_algorithm_identification(identity),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(coded(ANALYSIS_QUALITY_RATING), coded(value))
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in headers],
+    )
+
+
 def build_measurement_report(
     source_images: Sequence[Dataset],
     structures: Sequence[StructureLike],
@@ -331,6 +382,7 @@ def build_measurement_report(
     instance_number: int = 1,
     series_description: str,
     identity: Identity,
+    quality: QualityLike | None = None,
 ) -> Dataset:
     """Build an Imaging Measurement Report (TID 1500) as a Comprehensive 3D SR.
 
@@ -374,6 +426,9 @@ def build_measurement_report(
         Series Description of the new series.
     identity
         Equipment and algorithm identification.
+    quality
+        The analysis' judgement of its result, recorded as one more group (see
+        :func:`build_quality_group`).
 
     Returns
     -------
@@ -451,6 +506,8 @@ def build_measurement_report(
                 whole_series=bool(image_measurements),
             )
         )
+    if quality is not None:
+        groups.append(build_quality_group(quality, headers, tracking_seed=tracking_seed, identity=identity))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -29,6 +29,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
                           "jobs": [j.to_json() for j in jobs]}, indent=2))
         return 0
+    low = ledger.counts().low_confidence
+    if low:
+        print(f"Low-confidence results: {low} (flagged by their analysis; check them before use)")
     print(f"Studies ({len(studies)} shown)")
     for st in studies:
         purged = ""
@@ -46,6 +49,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if volumes:
             print("      " + "; ".join(
                 f"{m['structure'] or m['name']} {m['value']:.1f} {m['unit']}" for m in volumes))
+        quality = job.summary.get("quality") or {}
+        if quality.get("low_confidence"):
+            print(f"      LOW CONFIDENCE: {'; '.join(quality.get('reasons', []))}")
         if job.reason:
             print(f"      reason: {job.reason}")
         for d in job.deliveries:

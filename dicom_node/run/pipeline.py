@@ -295,6 +295,8 @@ def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) 
             "description": result.derived_description,
         }} if result.derived_image is not None else {}),
         **({"details": result.summary} if result.summary else {}),
+        **({"quality": {**asdict(result.quality), "reasons": list(result.quality.reasons)}}
+           if result.quality is not None else {}),
     }
 
 
@@ -485,6 +487,7 @@ def build_results(
             sop_instance_uid=uids["sc_instance"],
             series_number=numbers.sc,
             series_description=f"{result.title} report",
+            quality=result.quality,
         )
     if "sr" in wanted:
         objects["sr"] = build_measurement_report(
@@ -501,5 +504,6 @@ def build_results(
             sop_instance_uid=uids["sr_instance"],
             series_number=numbers.sr,
             series_description=f"{result.title} measurements",
+            quality=result.quality,
         )
     return objects

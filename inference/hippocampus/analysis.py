@@ -11,6 +11,7 @@ import numpy as np
 
 from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure
 from inference.errors import InputError
+from inference.hippocampus.quality import SHIPPED_THRESHOLDS, QualityThresholds, assess_quality
 from inference.volume import Volume, to_model_space
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class HippocampusAnalysis:
     """
 
     name = "hippocampus"
+    #: Limits of the low-confidence flag (see quality.py for how they were derived).
+    quality_thresholds: QualityThresholds = SHIPPED_THRESHOLDS
 
     def __init__(
         self,
@@ -126,7 +129,11 @@ class HippocampusAnalysis:
         if volume.modality != "MR":
             raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not MR")
         image, space = to_model_space(volume, TRAINING_AXCODES, TRAINING_SPACING_MM)
-        labels = space.to_source(self._segmenter.segment(image))
+        model_labels, unmirrored, mirrored = self._segmenter.segment_with_passes(image)
+        quality = assess_quality(
+            unmirrored, mirrored, model_labels, float(np.prod(TRAINING_SPACING_MM)), self.quality_thresholds
+        )
+        labels = space.to_source(model_labels)
         voxel_mm3 = float(np.prod(volume.spacing_mm))
         volumes = {s.label: float(np.count_nonzero(labels == s.label)) * voxel_mm3 for s in STRUCTURES}
         measurements = tuple(
@@ -153,4 +160,5 @@ class HippocampusAnalysis:
                 },
                 "voxel_spacing_mm": [round(float(s), 4) for s in volume.spacing_mm],
             },
+            quality=quality,
         )

@@ -265,11 +265,37 @@ class HippocampusEnsemble:
 
     def segment(self, image_ras: np.ndarray) -> np.ndarray:
         """Label a crop like :meth:`HippocampusSegmenter.segment`, averaging every member."""
+        return self.segment_with_passes(image_ras)[0]
+
+    def segment_with_passes(self, image_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label a crop, and also return the labels of the unmirrored and the mirrored passes.
+
+        Parameters
+        ----------
+        image_ras
+            As for :meth:`HippocampusSegmenter.segment`.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            uint8 label maps, same shape as the input: every pass of every member averaged
+            (the result), the unmirrored passes averaged over members, the mirrored passes
+            (flipped back) averaged over members.
+
+        Raises
+        ------
+        ValueError
+            If the array is not 3D or holds non-finite values.
+        """
         image = normalise(checked(image_ras))
-        probs = torch.stack(
-            [predict_probabilities(m.model, image, self._device, mirror=True) for m in self.members]
+        passes = torch.stack(
+            [predict_passes(m.model, image, self._device, mirror=True) for m in self.members]
         ).sum(dim=0)
-        return probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+        labels = [
+            probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+            for probs in (passes.sum(dim=0), passes[0], passes[1])
+        ]
+        return labels[0], labels[1], labels[2]
 
 
 def checked(image_ras: np.ndarray) -> np.ndarray:
