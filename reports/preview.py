@@ -13,7 +13,9 @@ from pydicom.pixels.processing import apply_modality_lut
 from pydicom.valuerep import PersonName
 
 from reports.identity import Identity
+from reports.comparison import Comparison, measurement_key
 from reports.protocols import FindingLike, MeasurementLike, QualityLike, StructureLike
+from reports.trend import render_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -489,6 +491,7 @@ def render_report_png(
     method: str,
     identity: Identity,
     quality: QualityLike | None = None,
+    comparison: Comparison | None = None,
 ) -> np.ndarray:
     """Render the result summary a radiologist reads at a glance.
 
@@ -524,6 +527,9 @@ def render_report_png(
     quality
         The analysis' own judgement of the result: a low-confidence result gets a red band
         with the reasons under the header; a result that passed gets one line of check values.
+    comparison
+        The change since the prior study and the trend over every prior (a section after the
+        measurements), or ``None`` for an analysis that does not compare with priors.
 
     Returns
     -------
@@ -563,6 +569,13 @@ def render_report_png(
         canvas.rule()
     if findings:
         _draw_findings(canvas, findings)
+        canvas.rule()
+    if comparison is not None:
+        colours = {measurement_key(m, structures): c for m in measurements
+                   for s in structures if m.structure_label == s.label for c in [s.colour_rgb]}
+        section = render_comparison(comparison, colours, WIDTH_PX)
+        canvas.image.paste(section, (0, canvas.y))
+        canvas.y += section.height
         canvas.rule()
     if quality is not None and not quality.low_confidence:
         _draw_quality_line(canvas, quality)

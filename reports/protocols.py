@@ -50,6 +50,38 @@ class MeasurementLike(Protocol):
     def structure_label(self) -> int | None: ...
 
 
+class PriorLike(Protocol):
+    """A prior result of the same analysis for the same patient, as the node found it.
+
+    ``values`` holds each measurement by the key of :func:`reports.comparison.measurement_key`;
+    the ``sr_*`` UIDs identify the prior's SR, empty when it is not known.
+    """
+
+    @property
+    def study_instance_uid(self) -> str: ...
+
+    @property
+    def study_date(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def values(self) -> Mapping[str, float]: ...
+
+    @property
+    def sr_series_instance_uid(self) -> str: ...
+
+    @property
+    def sr_sop_instance_uid(self) -> str: ...
+
+    @property
+    def origin(self) -> str: ...
+
+
 class QualityLike(Protocol):
     """How far the analysis trusts its own result: a flag, reasons, check values, derivation."""
 

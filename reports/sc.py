@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from reports.comparison import Comparison
 from reports.identity import Identity, copy_study_attributes, equipment_kwargs, source_headers
 from reports.preview import MAX_KEY_SLICES, choose_key_slices, render_report_png
 from reports.protocols import FindingLike, MeasurementLike, QualityLike, StructureLike
@@ -62,6 +63,7 @@ def build_report_image(
     instance_number: int = 1,
     series_description: str,
     quality: QualityLike | None = None,
+    comparison: Comparison | None = None,
 ) -> Dataset:
     """Build the RGB Secondary Capture summary page of one analysis.
 
@@ -100,6 +102,8 @@ def build_report_image(
     quality
         The analysis' judgement of its result; a low-confidence result is marked in red on
         the page and in Image Comments.
+    comparison
+        The change since the prior study, drawn as its own section with the trend.
 
     Returns
     -------
@@ -134,6 +138,7 @@ def build_report_image(
         method=method,
         identity=identity,
         quality=quality,
+        comparison=comparison,
     )
     reference = source_headers(source_images[:1])[0]
     orientation = patient_orientation(reference)

@@ -53,6 +53,8 @@ class HippocampusAnalysis:
     """
 
     name = "hippocampus"
+    #: The node finds this patient's earlier results and the reports show the change since them.
+    uses_prior_results = True
     #: Limits of the low-confidence flag (see quality.py for how they were derived).
     quality_thresholds: QualityThresholds = SHIPPED_THRESHOLDS
 

@@ -93,3 +93,15 @@ def test_effective_config_round_trips_through_toml(tmp_path: Path) -> None:
     path = tmp_path / "effective.toml"
     path.write_text(dump_toml(config.model_dump(mode="json")))
     assert load_config(path) == config
+
+
+def test_priors_pacs_url_must_be_http(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[priors]\npacs_url = "pacs.example.org:8042"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "node.toml: priors.pacs_url: must be an http:// or https:// URL, got 'pacs.example.org:8042'"
+    path.write_text('[priors]\npacs_url = "http://pacs.example.org:8042"\ntimeout_s = 5\n')
+    config = load_config(path)
+    assert (config.priors.pacs_url, config.priors.timeout_s, config.priors.enabled) == (
+        "http://pacs.example.org:8042", 5.0, True)
