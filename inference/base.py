@@ -212,6 +212,11 @@ class Analysis(Protocol):
 
     ``load`` is called once per worker process with an explicit device (``"cpu"`` or
     ``"cuda:N"``); ``run`` is then called once per selected series.
+
+    An analysis whose results are worth following over time sets the class attribute
+    ``uses_prior_results = True``: the node then finds the patient's earlier results of it (in
+    its ledger and the PACS) and the reports show the change since them. ``run`` never sees
+    them: the comparison is made by the node's report step.
     """
 
     name: str
