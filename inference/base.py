@@ -182,6 +182,9 @@ class AnalysisResult:
 
     ``quality``, when the analysis can judge its own result, flags a low-confidence result
     (see :class:`Quality`); ``None`` means the analysis makes no such judgement.
+
+    ``side`` is ``"left"``, ``"right"`` or ``"unknown"`` (with ``side_reason``) for an analysis
+    of one side of a paired structure, judged from the series' geometry; ``None`` otherwise.
     """
 
     analysis: str
@@ -198,10 +201,14 @@ class AnalysisResult:
     derived_image: np.ndarray | None = None
     derived_description: str = ""
     quality: Quality | None = None
+    side: str | None = None
+    side_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.derived_image is not None and self.derived_image.ndim != 3:
             raise ValueError(f"derived_image must be 3D, not {self.derived_image.ndim}D")
+        if self.side not in (None, "left", "right", "unknown"):
+            raise ValueError(f"side must be left, right or unknown, not {self.side!r}")
         if self.derived_image is not None and not self.derived_description:
             raise ValueError("a derived image needs a description of what was done")
 

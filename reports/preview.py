@@ -492,6 +492,7 @@ def render_report_png(
     identity: Identity,
     quality: QualityLike | None = None,
     comparison: Comparison | None = None,
+    notes: Sequence[str] = (),
 ) -> np.ndarray:
     """Render the result summary a radiologist reads at a glance.
 
@@ -530,6 +531,8 @@ def render_report_png(
     comparison
         The change since the prior study and the trend over every prior (a section after the
         measurements), or ``None`` for an analysis that does not compare with priors.
+    notes
+        Lines shown above the model line (the side, why no percentile is given).
 
     Returns
     -------
@@ -577,6 +580,8 @@ def render_report_png(
         canvas.image.paste(section, (0, canvas.y))
         canvas.y += section.height
         canvas.rule()
+    for note in notes:
+        canvas.wrapped(note, fonts.small, _TEXT, 22)
     if quality is not None and not quality.low_confidence:
         _draw_quality_line(canvas, quality)
     canvas.wrapped(f"Model: {model_name} {model_version}", fonts.small, _DIM, 22)

@@ -64,6 +64,7 @@ def build_report_image(
     series_description: str,
     quality: QualityLike | None = None,
     comparison: Comparison | None = None,
+    notes: Sequence[str] = (),
 ) -> Dataset:
     """Build the RGB Secondary Capture summary page of one analysis.
 
@@ -104,6 +105,8 @@ def build_report_image(
         the page and in Image Comments.
     comparison
         The change since the prior study, drawn as its own section with the trend.
+    notes
+        Further lines for the reader (side, normal range).
 
     Returns
     -------
@@ -139,6 +142,7 @@ def build_report_image(
         identity=identity,
         quality=quality,
         comparison=comparison,
+        notes=notes,
     )
     reference = source_headers(source_images[:1])[0]
     orientation = patient_orientation(reference)

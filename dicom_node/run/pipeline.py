@@ -29,6 +29,7 @@ from inference.volume import Volume, load_series
 from reports.comparison import Comparison, compare, measurement_key
 from reports.derived import build_derived_series
 from reports.identity import Identity
+from reports.normal_range import percentile_statement
 from reports.protocols import PriorLike
 from reports.sc import build_report_image
 from reports.seg import build_segmentation
@@ -313,7 +314,25 @@ def result_summary(
         **({"quality": {**asdict(result.quality), "reasons": list(result.quality.reasons)}}
            if result.quality is not None else {}),
         **({"comparison": comparison_summary(comparison)} if comparison is not None else {}),
+        **(side_summary(result, source) if result.side is not None else {}),
     }
+
+
+def side_summary(result: AnalysisResult, source: Dataset | None) -> dict[str, Any]:
+    """The side, why it is unknown, and (with the source image) the normal-range statement."""
+    summary: dict[str, Any] = {"side": result.side, "side_reason": result.side_reason}
+    if source is not None and result.side is not None:
+        summary["normal_range"] = percentile_statement(source, result.side, result.side_reason)
+    return summary
+
+
+def side_notes(result: AnalysisResult, source: Dataset) -> list[str]:
+    """The side and the normal-range statement of a result about one side, else nothing."""
+    if result.side is None:
+        return []
+    side = f"Side: {result.side} (from the series' position relative to the midline)" \
+        if result.side != "unknown" else f"Side unknown: {result.side_reason}"
+    return [side, percentile_statement(source, result.side, result.side_reason)]
 
 
 def comparison_summary(comparison: Comparison) -> dict[str, Any]:
@@ -544,6 +563,7 @@ def build_results(
             series_description=f"{result.title} report",
             quality=result.quality,
             comparison=comparison,
+            notes=side_notes(result, sources[0]),
         )
     if "sr" in wanted:
         objects["sr"] = build_measurement_report(

@@ -203,3 +203,11 @@ def quality_rating(sr_path: Path) -> str:
         if item.get("ValueType") == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "111693"
     ]
     return str(item.ConceptCodeSequence[0].CodeValue)
+
+
+def test_side_and_normal_range_statement_in_the_result(tmp_path: Path, analysis: HippocampusAnalysis) -> None:
+    paths = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))
+    summary = run_job(spec_for(paths, tmp_path), analysis).summary
+    assert summary["side"] == "unknown" and "placeholder coordinates" in summary["side_reason"]
+    assert summary["normal_range"].startswith("No percentile: no published normative data")
+    assert "side (the series' first voxel lies at x = 0, y = 0 mm" in summary["normal_range"]
