@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.state.ledger import LEDGER_FILE, open_ledger
 from dicom_node.state.records import JobState
+from reports.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class PriorSources:
     data_dir: str | None
     pacs_url: str | None
     timeout_s: float = 10.0
-    manufacturer: str = "dicom-node"
+    manufacturer: str = Identity.manufacturer  # what identity_for writes into every result
 
 
 def find_prior_results(
@@ -106,8 +107,12 @@ def priors_from_ledger(data_dir: Path, analysis: str, patient_id: str, study_uid
     if not (data_dir / LEDGER_FILE).exists():
         return []
     ledger = open_ledger(data_dir)
+    try:
+        jobs = ledger.job_rows(analysis=analysis, state=JobState.DONE, limit=MAX_LEDGER_JOBS)
+    finally:
+        ledger.close()
     priors: dict[str, PriorResult] = {}
-    for job in ledger.job_rows(analysis=analysis, state=JobState.DONE, limit=MAX_LEDGER_JOBS):
+    for job in jobs:
         summary = job.summary
         if summary.get("patient_id") != patient_id or job.study_uid == study_uid:
             continue

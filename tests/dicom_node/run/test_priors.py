@@ -128,3 +128,14 @@ def test_prior_from_another_model_is_flagged_and_later_priors_ignored() -> None:
     assert [d.year for d, _ in comparison.history] == [2018, 2019, 2020]
     none = compare(now, STRUCTURES, "20200101", "hippocampus-unet3d", "1.0.0", [])
     assert none.prior is None and none.changes == () and not none.other_model
+
+
+def test_unreachable_pacs_is_logged_and_gives_no_priors(caplog: pytest.LogCaptureFixture) -> None:
+    from deploy.local.orthanc_process import free_port
+    from dicom_node.run.priors import find_prior_results
+
+    sources = PriorSources(data_dir=None, pacs_url=f"http://127.0.0.1:{free_port()}", timeout_s=2.0)
+    with caplog.at_level("WARNING", logger="dicom_node.run.priors"):
+        assert find_prior_results(sources, "hippocampus", "hippocampus-unet3d", "TRACK-1", "1.2.3") == []
+    assert "not searched" in caplog.text
+    assert find_prior_results(sources, "hippocampus", "hippocampus-unet3d", "", "1.2.3") == []
