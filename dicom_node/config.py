@@ -484,6 +484,26 @@ class WatchSettings(_Frozen):
     give_up_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+class PriorSettings(_Frozen):
+    """Where the node looks for a patient's prior results, for analyses that compare with them.
+
+    The node's own ledger is always searched (``enabled``); with ``pacs_url`` (Orthanc's REST
+    root, e.g. ``http://pacs.example.org:8042``) the SRs this node filed in the PACS are searched
+    too, so priors are found after the data folder was wiped or on a new node.
+    """
+
+    enabled: bool = True
+    pacs_url: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("pacs_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+
 class NodeConfig(_Frozen):
     """The whole configuration of a node."""
 
@@ -500,6 +520,7 @@ class NodeConfig(_Frozen):
     watch: WatchSettings = WatchSettings()
     state: StateSettings = StateSettings()
     queue: QueueSettings = QueueSettings()
+    priors: PriorSettings = PriorSettings()
 
     @model_validator(mode="after")
     def _sources_distinct(self) -> NodeConfig:

@@ -140,6 +140,33 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Quality:
+    """How far the model itself trusts one result.
+
+    Parameters
+    ----------
+    low_confidence
+        ``True`` when any check fell outside its limit; reports show it prominently.
+    reasons
+        One sentence per failed check, e.g. ``"image and mirror disagree (Dice 0.41 < 0.80)"``;
+        empty when ``low_confidence`` is ``False``.
+    checks
+        The value of every check, by name (``{"mirror_agreement_dice": 0.97, ...}``).
+    derivation
+        How the limits were derived (data and rule), so a reader can judge them.
+    """
+
+    low_confidence: bool
+    reasons: tuple[str, ...] = ()
+    checks: dict[str, float] = field(default_factory=dict)
+    derivation: str = ""
+
+    def __post_init__(self) -> None:
+        if self.low_confidence != bool(self.reasons):
+            raise ValueError("a low-confidence result needs reasons, and only it has them")
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
     """What an analysis returns for one series.
 
@@ -152,6 +179,12 @@ class AnalysisResult:
     A processing task returns an image instead: ``derived_image`` (float, in the modality's
     units, same shape and order as ``label_map`` would have) becomes a derived series over
     the source geometry, described by ``derived_description`` ("Gaussian blur, sigma 2 mm").
+
+    ``quality``, when the analysis can judge its own result, flags a low-confidence result
+    (see :class:`Quality`); ``None`` means the analysis makes no such judgement.
+
+    ``side`` is ``"left"``, ``"right"`` or ``"unknown"`` (with ``side_reason``) for an analysis
+    of one side of a paired structure, judged from the series' geometry; ``None`` otherwise.
     """
 
     analysis: str
@@ -167,10 +200,15 @@ class AnalysisResult:
     summary: dict[str, Any] = field(default_factory=dict)
     derived_image: np.ndarray | None = None
     derived_description: str = ""
+    quality: Quality | None = None
+    side: str | None = None
+    side_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.derived_image is not None and self.derived_image.ndim != 3:
             raise ValueError(f"derived_image must be 3D, not {self.derived_image.ndim}D")
+        if self.side not in (None, "left", "right", "unknown"):
+            raise ValueError(f"side must be left, right or unknown, not {self.side!r}")
         if self.derived_image is not None and not self.derived_description:
             raise ValueError("a derived image needs a description of what was done")
 
@@ -181,6 +219,11 @@ class Analysis(Protocol):
 
     ``load`` is called once per worker process with an explicit device (``"cpu"`` or
     ``"cuda:N"``); ``run`` is then called once per selected series.
+
+    An analysis whose results are worth following over time sets the class attribute
+    ``uses_prior_results = True``: the node then finds the patient's earlier results of it (in
+    its ledger and the PACS) and the reports show the change since them. ``run`` never sees
+    them: the comparison is made by the node's report step.
     """
 
     name: str

@@ -13,7 +13,9 @@ from pydicom.pixels.processing import apply_modality_lut
 from pydicom.valuerep import PersonName
 
 from reports.identity import Identity
-from reports.protocols import FindingLike, MeasurementLike, StructureLike
+from reports.comparison import Comparison, measurement_key
+from reports.protocols import FindingLike, MeasurementLike, QualityLike, StructureLike
+from reports.trend import render_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ _TEXT = (236, 236, 236)
 _DIM = (160, 164, 172)
 _RULE = (70, 74, 84)
 _WARNING = (255, 196, 64)
+_ALERT = (196, 30, 30)
 
 #: How UCUM units are shown; "^" raises the next character (the bundled font has
 #: no superscript glyphs).
@@ -441,6 +444,28 @@ def _draw_measurements(
     canvas.y += 8
 
 
+def _draw_quality_banner(canvas: _Canvas, quality: QualityLike) -> None:
+    """A full-width red band under the header: the first thing read on the page."""
+    fonts = canvas.fonts
+    lines = [f"- {reason}" for reason in quality.reasons]
+    top = canvas.y - 8
+    height = 16 + 40 + 26 * len(lines)
+    canvas.draw.rectangle((0, top, WIDTH_PX, top + height), fill=_ALERT)
+    canvas.y = top + 10
+    canvas.text(MARGIN_PX, "LOW CONFIDENCE: check the segmentation before using these volumes",
+                fonts.body, _TEXT)
+    canvas.y += 32
+    for line in lines:
+        canvas.text(MARGIN_PX, canvas.fit(line, fonts.small, WIDTH_PX - 2 * MARGIN_PX), fonts.small, _TEXT)
+        canvas.y += 26
+    canvas.y = top + height + 16
+
+
+def _draw_quality_line(canvas: _Canvas, quality: QualityLike) -> None:
+    checks = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in quality.checks.items())
+    canvas.wrapped(f"Confidence checks passed ({checks})", canvas.fonts.small, _DIM, 22)
+
+
 def _draw_findings(canvas: _Canvas, findings: Sequence[FindingLike]) -> None:
     fonts = canvas.fonts
     canvas.text(MARGIN_PX, "Classification", fonts.body, _TEXT)
@@ -467,6 +492,9 @@ def render_report_png(
     model_version: str,
     method: str,
     identity: Identity,
+    quality: QualityLike | None = None,
+    comparison: Comparison | None = None,
+    notes: Sequence[str] = (),
 ) -> np.ndarray:
     """Render the result summary a radiologist reads at a glance.
 
@@ -499,6 +527,14 @@ def render_report_png(
         One line on how the result was produced.
     identity
         Equipment identification (product name and version in the footer).
+    quality
+        The analysis' own judgement of the result: a low-confidence result gets a red band
+        with the reasons under the header; a result that passed gets one line of check values.
+    comparison
+        The change since the prior study and the trend over every prior (a section after the
+        measurements), or ``None`` for an analysis that does not compare with priors.
+    notes
+        Lines shown above the model line (the side, why no percentile is given).
 
     Returns
     -------
@@ -527,6 +563,8 @@ def render_report_png(
     fonts = _load_fonts()
     canvas = _Canvas(fonts)
     _draw_header(canvas, source_images[0], len(source_images), title)
+    if quality is not None and quality.low_confidence:
+        _draw_quality_banner(canvas, quality)
     _draw_panels(canvas, source_images, volume, label_map, structures, chosen)
     if structures and label_map is not None:
         _draw_legend(canvas, structures)
@@ -537,6 +575,17 @@ def render_report_png(
     if findings:
         _draw_findings(canvas, findings)
         canvas.rule()
+    if comparison is not None:
+        colours = {measurement_key(m, structures): c for m in measurements
+                   for s in structures if m.structure_label == s.label for c in [s.colour_rgb]}
+        section = render_comparison(comparison, colours, WIDTH_PX)
+        canvas.image.paste(section, (0, canvas.y))
+        canvas.y += section.height
+        canvas.rule()
+    for note in notes:
+        canvas.wrapped(note, fonts.small, _TEXT, 22)
+    if quality is not None and not quality.low_confidence:
+        _draw_quality_line(canvas, quality)
     canvas.wrapped(f"Model: {model_name} {model_version}", fonts.small, _DIM, 22)
     canvas.wrapped(f"Method: {method}", fonts.small, _DIM, 22)
     product = identity.manufacturer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 #: A coded concept as plain data: (code value, coding scheme designator, code meaning).
@@ -48,6 +48,54 @@ class MeasurementLike(Protocol):
 
     @property
     def structure_label(self) -> int | None: ...
+
+
+class PriorLike(Protocol):
+    """A prior result of the same analysis for the same patient, as the node found it.
+
+    ``values`` holds each measurement by the key of :func:`reports.comparison.measurement_key`;
+    the ``sr_*`` UIDs identify the prior's SR, empty when it is not known.
+    """
+
+    @property
+    def study_instance_uid(self) -> str: ...
+
+    @property
+    def study_date(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def values(self) -> Mapping[str, float]: ...
+
+    @property
+    def sr_series_instance_uid(self) -> str: ...
+
+    @property
+    def sr_sop_instance_uid(self) -> str: ...
+
+    @property
+    def origin(self) -> str: ...
+
+
+class QualityLike(Protocol):
+    """How far the analysis trusts its own result: a flag, reasons, check values, derivation."""
+
+    @property
+    def low_confidence(self) -> bool: ...
+
+    @property
+    def reasons(self) -> Sequence[str]: ...
+
+    @property
+    def checks(self) -> Mapping[str, float]: ...
+
+    @property
+    def derivation(self) -> str: ...
 
 
 class FindingLike(Protocol):

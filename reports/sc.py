@@ -9,9 +9,10 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from reports.comparison import Comparison
 from reports.identity import Identity, copy_study_attributes, equipment_kwargs, source_headers
 from reports.preview import MAX_SHOWN_SLICES, choose_key_slices, render_report_png
-from reports.protocols import FindingLike, MeasurementLike, StructureLike
+from reports.protocols import FindingLike, MeasurementLike, QualityLike, StructureLike
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def build_report_image(
     series_number: int,
     instance_number: int = 1,
     series_description: str,
+    quality: QualityLike | None = None,
+    comparison: Comparison | None = None,
+    notes: Sequence[str] = (),
 ) -> Dataset:
     """Build the RGB Secondary Capture summary page of one analysis.
 
@@ -96,6 +100,13 @@ def build_report_image(
         Series Number and Instance Number of the new instance.
     series_description
         Series Description of the new series.
+    quality
+        The analysis' judgement of its result; a low-confidence result is marked in red on
+        the page and in Image Comments.
+    comparison
+        The change since the prior study, drawn as its own section with the trend.
+    notes
+        Further lines for the reader (side, normal range).
 
     Returns
     -------
@@ -129,6 +140,9 @@ def build_report_image(
         model_version=model_version,
         method=method,
         identity=identity,
+        quality=quality,
+        comparison=comparison,
+        notes=notes,
     )
     reference = source_headers(source_images[:1])[0]
     orientation = patient_orientation(reference)
@@ -156,6 +170,8 @@ def build_report_image(
     image.ConversionType = "WSD"
     image.BurnedInAnnotation = "YES"
     image.DerivationDescription = f"Result summary of {model_name} {model_version}"[:1024]
+    if quality is not None and quality.low_confidence:
+        image.ImageComments = ("LOW CONFIDENCE: " + "; ".join(quality.reasons))[:10240]
     image.SourceImageSequence = []
     for index in key_slices:
         item = Dataset()

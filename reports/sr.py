@@ -10,6 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from reports.comparison import Comparison
 from reports.identity import (
     Identity,
     build_sr_algorithm_identification,
@@ -18,7 +19,7 @@ from reports.identity import (
     source_headers,
 )
 from reports.outline import outline_largest_section
-from reports.protocols import Code, FindingLike, MeasurementLike, StructureLike
+from reports.protocols import Code, FindingLike, MeasurementLike, QualityLike, StructureLike
 from reports.uids import derive_uid
 
 #: A structure is outlined only where one outline is faithful to it: at most this fraction of
@@ -315,6 +316,134 @@ def build_finding_group(
     )
 
 
+#: TID 1500 qualitative evaluation of the whole result: "Analysis Quality Rating" (DCM 111693,
+#: the rating CAD reports use for the quality of an automated analysis) valued with the CID 6044
+#: pair "Usable - Meets / Does not meet the quality control standard" (DCM 111237 / 111236):
+#: standard codes a receiving system can test without parsing text.
+ANALYSIS_QUALITY_RATING: Code = ("111693", "DCM", "Analysis Quality Rating")
+MEETS_QUALITY_STANDARD: Code = ("111237", "DCM", "Usable - Meets the quality control standard")
+FAILS_QUALITY_STANDARD: Code = ("111236", "DCM", "Usable - Does not meet the quality control standard")
+QUALITY_TRACKING_ID = "Result quality"
+
+
+def build_quality_group(
+    quality: QualityLike,
+    headers: Sequence[Dataset],
+    *,
+    tracking_seed: str,
+    identity: Identity,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group that records how far the analysis trusts its result.
+
+    One qualitative evaluation, :data:`ANALYSIS_QUALITY_RATING`, valued
+    :data:`FAILS_QUALITY_STANDARD` for a low-confidence result and
+    :data:`MEETS_QUALITY_STANDARD` otherwise; the group's tracking identifier is
+    ``"Result quality"`` followed by the reasons, so a reader sees why.
+
+    Parameters
+    ----------
+    quality
+        The analysis' judgement.
+    headers
+        The source images (without pixel data).
+    tracking_seed
+        Seed of the deterministic tracking UID.
+    identity
+        Algorithm identification.
+    """
+    text = QUALITY_TRACKING_ID
+    if quality.low_confidence:
+        text += ": low confidence: " + "; ".join(quality.reasons)
+    value = FAILS_QUALITY_STANDARD if quality.low_confidence else MEETS_QUALITY_STANDARD
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_tracking_uid(tracking_seed, "quality"), identifier=text
+        ),
+        algorithm_id=build_sr_algorithm_identification(identity),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(coded(ANALYSIS_QUALITY_RATING), coded(value))
+        ],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in headers],
+    )
+
+
+#: The change since the prior study, per measurement, as TID 1501 groups. DCM and SCT define no
+#: concept for "volume change", so it is coded in this product's own scheme (declared in the
+#: document's Coding Scheme Identification); the percent change is DCM "Fractional Change" in
+#: UCUM "%", its annualised rate the same concept in "%/a", and the time between the studies SCT
+#: "Interval" in days. The prior SR is listed in Pertinent Other Evidence (PS3.3 C.17.2.3).
+VOLUME_CHANGE: Code = ("volume-change", LABEL_SCHEME, "Volume change since prior study")
+FRACTIONAL_CHANGE: Code = ("125314", "DCM", "Fractional Change")
+INTERVAL: Code = ("385673002", "SCT", "Interval")
+PERCENT: Code = ("%", "UCUM", "percent")
+PERCENT_PER_YEAR: Code = ("%/a", "UCUM", "percent per year")
+DAY: Code = ("d", "UCUM", "day")
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def build_change_groups(
+    comparison: Comparison,
+    headers: Sequence[Dataset],
+    *,
+    tracking_seed: str,
+    identity: Identity,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per measurement compared with the prior study.
+
+    The tracking identifier names the prior's date, the measurement and, when the prior came
+    from another model, that model; the group holds the change in the measurement's unit,
+    in percent, in percent per year, and the interval in days.
+    """
+    prior = comparison.prior
+    if prior is None:
+        return []
+    days = comparison.interval_days
+    groups = []
+    for change in comparison.changes:
+        text = f"Change since prior study {prior.study_date}: {change.name}"
+        if comparison.other_model:
+            text += f" (prior measured with {prior.model_name} {prior.model_version})"
+        unit = (change.unit, "UCUM", change.unit)
+        values: list[hd.sr.Measurement] = [
+            hd.sr.Measurement(name=coded(VOLUME_CHANGE), value=change.change, unit=coded(unit))
+        ]
+        if change.percent is not None:
+            values.append(hd.sr.Measurement(name=coded(FRACTIONAL_CHANGE), value=change.percent,
+                                            unit=coded(PERCENT)))
+        rate = comparison.percent_per_year(change)
+        if rate is not None:
+            values.append(hd.sr.Measurement(name=coded(FRACTIONAL_CHANGE), value=rate,
+                                            unit=coded(PERCENT_PER_YEAR)))
+        if days is not None:
+            values.append(hd.sr.Measurement(name=coded(INTERVAL), value=float(days), unit=coded(DAY)))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_tracking_uid(tracking_seed, "change", change.key), identifier=text
+            ),
+            algorithm_id=build_sr_algorithm_identification(identity),
+            measurements=values,
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in headers],
+        ))
+    return groups
+
+
+def pertinent_evidence(comparison: Comparison) -> list[Dataset]:
+    """The prior SR as a Hierarchical SOP Instance Reference item, or nothing."""
+    prior = comparison.prior
+    if prior is None or not prior.sr_sop_instance_uid or not prior.sr_series_instance_uid:
+        return []
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = COMPREHENSIVE_3D_SR
+    instance.ReferencedSOPInstanceUID = prior.sr_sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = prior.sr_series_instance_uid
+    series.ReferencedSOPSequence = [instance]
+    study = Dataset()
+    study.StudyInstanceUID = prior.study_instance_uid
+    study.ReferencedSeriesSequence = [series]
+    return [study]
+
+
 def build_measurement_report(
     source_images: Sequence[Dataset],
     structures: Sequence[StructureLike],
@@ -331,6 +460,8 @@ def build_measurement_report(
     instance_number: int = 1,
     series_description: str,
     identity: Identity,
+    quality: QualityLike | None = None,
+    comparison: Comparison | None = None,
 ) -> Dataset:
     """Build an Imaging Measurement Report (TID 1500) as a Comprehensive 3D SR.
 
@@ -374,6 +505,12 @@ def build_measurement_report(
         Series Description of the new series.
     identity
         Equipment and algorithm identification.
+    quality
+        The analysis' judgement of its result, recorded as one more group (see
+        :func:`build_quality_group`).
+    comparison
+        The change since the prior study: groups of :func:`build_change_groups`, and the
+        prior SR in Pertinent Other Evidence.
 
     Returns
     -------
@@ -451,6 +588,10 @@ def build_measurement_report(
                 whole_series=bool(image_measurements),
             )
         )
+    if comparison is not None:
+        groups.extend(build_change_groups(comparison, headers, tracking_seed=tracking_seed, identity=identity))
+    if quality is not None:
+        groups.append(build_quality_group(quality, headers, tracking_seed=tracking_seed, identity=identity))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -468,11 +609,11 @@ def build_measurement_report(
         title=codes.DCM.ImagingMeasurementReport,
     )
     coding_schemes = []
-    if findings:
+    if findings or (comparison is not None and comparison.changes):
         coding_schemes.append(
             hd.coding_schemes.CodingSchemeIdentificationItem(
                 designator=LABEL_SCHEME,
-                name="dicom-node classification labels",
+                name="dicom-node codes (classification labels, volume change)",
                 responsible_organization=identity.manufacturer,
             )
         )
@@ -495,6 +636,8 @@ def build_measurement_report(
         coding_schemes=coding_schemes or None,
     )
     copy_study_attributes(source_images[0], sr)
+    if comparison is not None and pertinent_evidence(comparison):
+        sr.PertinentOtherEvidenceSequence = pertinent_evidence(comparison)
     logger.info(
         "built measurement report %s: %d groups, %d measurements, %d findings",
         sop_instance_uid,

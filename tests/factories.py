@@ -9,6 +9,7 @@ from typing import Any, TypedDict, Unpack
 
 import nibabel
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -333,4 +334,39 @@ def write_datasets(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         path = folder / f"{index:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
+    return paths
+
+
+def study_of_patient(
+    series_dir: Path, folder: Path, *, patient_id: str, patient_name: str, study_date: str, seed: str
+) -> list[Path]:
+    """Copy a real series as a new study of another patient on another date.
+
+    Study, series and instance UIDs are derived from ``seed`` (so two copies of one series are
+    two studies), the patient's ID, name and the study date are replaced; pixels stay as they are.
+
+    Returns
+    -------
+    list[Path]
+        The written files, one per instance.
+    """
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid(entropy_srcs=[seed, "study"])
+    series_uid = generate_uid(entropy_srcs=[seed, "series"])
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, path in enumerate(sorted(series_dir.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = patient_id
+        ds.PatientName = patient_name
+        ds.StudyDate = study_date
+        ds.SeriesDate = study_date
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, str(path.name)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AccessionNumber = f"ACC{seed[-6:]}"
+        paths.append(folder / f"{k:04d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
     return paths

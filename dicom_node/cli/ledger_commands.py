@@ -69,6 +69,9 @@ def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
         for worker in fleet["workers"]:
             doing = f"job {worker['job_uid']} ({worker['queue']})" if worker["job_uid"] else "idle"
             print(f"  worker {worker['id']}  heartbeat {worker['heartbeat_age_s']:.0f} s ago  {doing}")
+    low = ledger.counts().low_confidence
+    if low:
+        print(f"Low-confidence results: {low} (flagged by their analysis; check them before use)")
     print(f"Studies ({len(studies)} shown)")
     for st in studies:
         purged = ""
@@ -86,6 +89,9 @@ def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
         if volumes:
             print("      " + "; ".join(
                 f"{m['structure'] or m['name']} {m['value']:.1f} {m['unit']}" for m in volumes))
+        quality = job.summary.get("quality") or {}
+        if quality.get("low_confidence"):
+            print(f"      LOW CONFIDENCE: {'; '.join(quality.get('reasons', []))}")
         if job.reason:
             print(f"      reason: {job.reason}")
         for d in job.deliveries:

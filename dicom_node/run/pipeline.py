@@ -21,12 +21,16 @@ from dicom_node import __version__
 from dicom_node.config import NodeSettings, ResultKind, SeriesNumbers
 from dicom_node.errors import InferenceFailed, StudyNotProcessable
 from dicom_node.receive.spool import write_atomic
+from dicom_node.run.priors import PriorSources, find_prior_results
 from dicom_node.uids import result_uid, result_uids
 from inference.base import Analysis, AnalysisResult, ConfigurableAnalysis
 from inference.errors import InputError
 from inference.volume import Volume, load_series
+from reports.comparison import Comparison, compare, measurement_key
 from reports.derived import build_derived_series
 from reports.identity import Identity
+from reports.normal_range import percentile_statement
+from reports.protocols import PriorLike
 from reports.sc import build_report_image
 from reports.seg import build_segmentation
 from reports.sr import build_measurement_report
@@ -47,6 +51,7 @@ class JobSpec:
     series_numbers: SeriesNumbers
     node_name: str = NodeSettings().ae_title
     options: dict[str, Any] = field(default_factory=dict)
+    priors: PriorSources | None = None
 
 
 @dataclass
@@ -266,10 +271,20 @@ def run_analysis(
         raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) -> dict[str, Any]:
-    """Return the JSON result of a job: what was measured, on what, by which model."""
+def result_summary(
+    result: AnalysisResult, spec: JobSpec, uids: dict[str, str], source: Dataset | None = None,
+    comparison: Comparison | None = None,
+) -> dict[str, Any]:
+    """Return the JSON result of a job: what was measured, on what, by which model.
+
+    With the analysed ``source`` image, the patient ID and study date are kept too, so the
+    result can serve as the prior of the patient's next study; with a ``comparison``, the
+    change since the prior study.
+    """
     names = {s.label: s.name for s in result.structures}
     return {
+        **({"patient_id": str(source.get("PatientID", "")), "study_date": str(source.get("StudyDate", ""))}
+           if source is not None else {}),
         "job_uid": spec.job_uid,
         "analysis": result.analysis,
         "model_name": result.model_name,
@@ -283,6 +298,7 @@ def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) 
                 "structure": names.get(m.structure_label) if m.structure_label else None,
                 "value": round(float(m.value), 3),
                 "unit": m.unit[0],
+                "key": measurement_key(m, result.structures),
             }
             for m in result.measurements
         ],
@@ -295,6 +311,49 @@ def result_summary(result: AnalysisResult, spec: JobSpec, uids: dict[str, str]) 
             "description": result.derived_description,
         }} if result.derived_image is not None else {}),
         **({"details": result.summary} if result.summary else {}),
+        **({"quality": {**asdict(result.quality), "reasons": list(result.quality.reasons)}}
+           if result.quality is not None else {}),
+        **({"comparison": comparison_summary(comparison)} if comparison is not None else {}),
+        **(side_summary(result, source) if result.side is not None else {}),
+    }
+
+
+def side_summary(result: AnalysisResult, source: Dataset | None) -> dict[str, Any]:
+    """The side, why it is unknown, and (with the source image) the normal-range statement."""
+    summary: dict[str, Any] = {"side": result.side, "side_reason": result.side_reason}
+    if source is not None and result.side is not None:
+        summary["normal_range"] = percentile_statement(source, result.side, result.side_reason)
+    return summary
+
+
+def side_notes(result: AnalysisResult, source: Dataset) -> list[str]:
+    """The side and the normal-range statement of a result about one side, else nothing."""
+    if result.side is None:
+        return []
+    side = f"Side: {result.side} (from the series' position relative to the midline)" \
+        if result.side != "unknown" else f"Side unknown: {result.side_reason}"
+    return [side, percentile_statement(source, result.side, result.side_reason)]
+
+
+def comparison_summary(comparison: Comparison) -> dict[str, Any]:
+    """The change since the prior study as JSON (``{"prior": None}`` when none was found)."""
+    prior = comparison.prior
+    if prior is None:
+        return {"prior": None, "message": "no prior study found"}
+    return {
+        "prior": {"study_instance_uid": prior.study_instance_uid, "study_date": prior.study_date,
+                  "model_name": prior.model_name, "model_version": prior.model_version,
+                  "sr_sop_instance_uid": prior.sr_sop_instance_uid, "origin": prior.origin},
+        "other_model": comparison.other_model,
+        "interval_days": comparison.interval_days,
+        "changes": [
+            {"name": c.name, "key": c.key, "unit": c.unit, "prior": c.prior, "current": c.current,
+             "change": round(c.change, 3),
+             "percent": None if c.percent is None else round(c.percent, 3),
+             "percent_per_year": None if (r := comparison.percent_per_year(c)) is None else round(r, 3)}
+            for c in comparison.changes
+        ],
+        "history": [{"study_date": d.strftime("%Y%m%d"), "values": dict(v)} for d, v in comparison.history],
     }
 
 
@@ -304,6 +363,7 @@ class ResultObjects:
 
     objects: dict[str, Dataset]
     uids: dict[str, str]
+    comparison: Comparison | None = None
 
 
 def report_results(
@@ -317,6 +377,7 @@ def report_results(
     node_name: str,
     options: dict[str, Any] | None = None,
     kinds: Collection[ResultKind] | None = None,
+    priors: Sequence[PriorLike] | None = None,
 ) -> ResultObjects:
     """Build the result objects of one analysis of one series: the report step.
 
@@ -338,6 +399,10 @@ def report_results(
         The options the analysis ran with.
     kinds
         Build only these of SEG, SC and SR (default: all that apply).
+    priors
+        The patient's prior results of this analysis, found by the node; ``None`` for an
+        analysis that does not compare with priors (the reports then show no comparison),
+        empty when none was found (they say so).
 
     Returns
     -------
@@ -350,12 +415,16 @@ def report_results(
         If the sources break the IODs the objects reference them by.
     """
     uids = derive_result_uids(study_uid, series_uid, analysis, result, len(sources), options)
+    comparison = None
+    if priors is not None and result.measurements:
+        comparison = compare(result.measurements, result.structures, str(sources[0].get("StudyDate", "")),
+                             result.model_name, result.model_version, priors)
     try:
         objects = build_results(result, sources, series_numbers, uids, identity_for(result, node_name),
-                                kinds=kinds)
+                                kinds=kinds, comparison=comparison)
     except ValueError as exc:  # highdicom refuses sources that break their IOD
         raise StudyNotProcessable(f"results cannot reference this series: {exc}") from exc
-    return ResultObjects(objects, uids)
+    return ResultObjects(objects, uids, comparison)
 
 
 def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
@@ -380,17 +449,21 @@ def run_job(spec: JobSpec, analysis: Analysis) -> JobOutcome:
     with _timed(outcome.timings, "infer"):
         result = run_analysis(analysis, loaded.volume, spec.options, name=spec.analysis)
     with _timed(outcome.timings, "report"):
+        priors = None
+        if spec.priors is not None and getattr(analysis, "uses_prior_results", False):
+            priors = find_prior_results(spec.priors, spec.analysis, result.model_name,
+                                        str(loaded.sources[0].get("PatientID", "")), spec.study_uid)
         built = report_results(
             result, loaded.sources, study_uid=spec.study_uid, series_uid=spec.series_uid,
             analysis=spec.analysis, series_numbers=spec.series_numbers, node_name=spec.node_name,
-            options=spec.options,
+            options=spec.options, priors=priors,
         )
         out = Path(spec.result_dir)
         for name, ds in built.objects.items():
             path = out / f"{name}.dcm"
             ds.save_as(path, enforce_file_format=True)
             outcome.files.append(str(path))
-        outcome.summary = result_summary(result, spec, built.uids)
+        outcome.summary = result_summary(result, spec, built.uids, loaded.sources[0], built.comparison)
         write_atomic(out / "result.json", json.dumps(outcome.summary, indent=2).encode())
     return outcome
 
@@ -403,6 +476,7 @@ def build_results(
     identity: Identity,
     *,
     kinds: Collection[ResultKind] | None = None,
+    comparison: Comparison | None = None,
 ) -> dict[str, Dataset]:
     """Build the objects of a result.
 
@@ -425,6 +499,8 @@ def build_results(
     kinds
         Build only these of SEG, SC and SR (default: all that apply); a derived series is
         always built.
+    comparison
+        The change since the prior study, shown in the SC and carried by the SR.
 
     Returns
     -------
@@ -485,6 +561,9 @@ def build_results(
             sop_instance_uid=uids["sc_instance"],
             series_number=numbers.sc,
             series_description=f"{result.title} report",
+            quality=result.quality,
+            comparison=comparison,
+            notes=side_notes(result, sources[0]),
         )
     if "sr" in wanted:
         objects["sr"] = build_measurement_report(
@@ -501,5 +580,7 @@ def build_results(
             sop_instance_uid=uids["sr_instance"],
             series_number=numbers.sr,
             series_description=f"{result.title} measurements",
+            quality=result.quality,
+            comparison=comparison,
         )
     return objects

@@ -9,6 +9,7 @@ from pathlib import Path
 from dicom_node.config import AnalysisSettings
 from dicom_node.run.dispatcher import Completion, WorkerPool
 from dicom_node.run.pipeline import JobSpec
+from dicom_node.run.priors import PriorSources
 from dicom_node.schedule.grouper import StudyTracker
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import JobRecord, JobState, StudyRecord
@@ -56,6 +57,7 @@ class Scheduler:
         *,
         clock: Callable[[], float],
         on_finished: JobObserver,
+        priors: PriorSources | None = None,
     ) -> None:
         self.ledger = ledger
         self.tracker = tracker
@@ -65,6 +67,7 @@ class Scheduler:
         self.node_name = node_name
         self.clock = clock
         self.on_finished = on_finished
+        self.priors = priors
 
     def tick(self) -> list[str]:
         """Complete the studies that are due; return the uids of the jobs created."""
@@ -152,6 +155,7 @@ class Scheduler:
             series_numbers=self.analyses[job.analysis].series_numbers,
             node_name=self.node_name,
             options=job.options,
+            priors=self.priors,
         )
 
     def _record_failure(self, job: JobRecord, reason: str) -> None:

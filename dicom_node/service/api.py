@@ -87,6 +87,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
             "derived_series": summary.get("derived_series"),
             "measurements": summary.get("measurements", []),
             "findings": summary.get("findings", []),
+            "quality": summary.get("quality"),
             "sent": [d.to_json() for d in job.deliveries if d.state == DeliveryState.SENT],
         }
     return view

@@ -43,6 +43,9 @@ class _LedgerCollector(Collector):
         depth.add_metric(["studies_receiving"], counts.studies.get(StudyState.RECEIVING, 0))
         yield depth
         yield from _fleet_metrics(self.ledger)
+        yield GaugeMetricFamily("dicom_node_results_low_confidence",
+                                "Finished jobs whose analysis flagged its result as low confidence",
+                                value=counts.low_confidence)
         received = CounterMetricFamily(
             "dicom_node_instances_received", "Instances stored since start, by way in", labels=["origin"]
         )

@@ -15,6 +15,7 @@ from dicom_node.deliver.delivery import DeliveryLoop
 from dicom_node.receive.ingest import Ingestor
 from dicom_node.receive.pull import SourcePuller
 from dicom_node.receive.recovery import recover_spool
+from dicom_node.run.priors import PriorSources
 from dicom_node.receive.scp import ReceiveCounters, StorageSCP
 from dicom_node.receive.source import OrthancSource
 from dicom_node.receive.spool import Spool
@@ -79,6 +80,8 @@ class Node:
         self.scheduler = Scheduler(
             self.ledger, tracker, config.runnable(), config.destinations_for, data_dir / "results",
             config.node.ae_title, clock=clock, on_finished=self.metrics.observe_job,
+            priors=PriorSources(str(data_dir), config.priors.pacs_url, config.priors.timeout_s)
+            if config.priors.enabled else None,
         )
         self.delivery = DeliveryLoop(
             self.ledger, config.destinations, config.delivery, config.node.ae_title,

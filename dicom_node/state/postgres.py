@@ -705,6 +705,9 @@ class PostgresLedger:
             return {row["state"]: int(row["n"]) for row in rows}
 
         row = self._fetch_one("SELECT count(*) AS n FROM instances")
+        low = self._fetch_one("SELECT count(*) AS n FROM jobs"
+                              " WHERE summary::jsonb #>> '{quality,low_confidence}' = 'true'")
         return LedgerCounts(studies=by_state("studies"), jobs=by_state("jobs"),
                             deliveries=by_state("deliveries"),
-                            instances=int(row["n"]) if row is not None else 0)
+                            instances=int(row["n"]) if row is not None else 0,
+                            low_confidence=int(low["n"]) if low is not None else 0)

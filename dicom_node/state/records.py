@@ -233,14 +233,19 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class LedgerCounts:
-    """How many studies, jobs and deliveries are in each state, and how many instances are held."""
+    """How many studies, jobs and deliveries are in each state, and how many instances are held.
+
+    ``low_confidence`` counts the jobs whose result its analysis flagged as low confidence.
+    """
 
     studies: dict[str, int]
     jobs: dict[str, int]
     deliveries: dict[str, int]
     instances: int
+    low_confidence: int = 0
 
     def to_json(self) -> dict[str, dict[str, int]]:
         """Return the counts as in ``status --json``."""
         return {"jobs": dict(self.jobs), "deliveries": dict(self.deliveries),
-                "studies": dict(self.studies), "instances": {"received": self.instances}}
+                "studies": dict(self.studies), "instances": {"received": self.instances},
+                "results": {"low_confidence": self.low_confidence}}

@@ -622,5 +622,9 @@ class SqliteLedger:
             return {r[0]: r[1] for r in db.execute(f"SELECT state, count(*) FROM {table} GROUP BY state")}
 
         instances = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+        # The flag lives in the job's JSON summary, written by the pipeline (result_summary).
+        low = db.execute("SELECT count(*) FROM jobs WHERE"
+                         " json_extract(summary, '$.quality.low_confidence') = 1").fetchone()[0]
         return LedgerCounts(studies=by_state("studies"), jobs=by_state("jobs"),
-                            deliveries=by_state("deliveries"), instances=int(instances))
+                            deliveries=by_state("deliveries"), instances=int(instances),
+                            low_confidence=int(low))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,8 @@ import numpy as np
 
 from inference.base import AnalysisResult, Code, Measurement, SeriesRule, Structure, WarmUpInput
 from inference.errors import InputError
+from inference.hippocampus.side import determine_side
+from inference.hippocampus.quality import SHIPPED_THRESHOLDS, QualityThresholds, assess_quality
 from inference.volume import Volume, to_model_space
 
 if TYPE_CHECKING:
@@ -28,6 +31,8 @@ ANATOMICAL_STRUCTURE: Code = ("91723000", "SCT", "Anatomical Structure")
 HIPPOCAMPUS: Code = ("5366008", "SCT", "Hippocampus")
 VOLUME: Code = ("118565006", "SCT", "Volume")
 CUBIC_MILLIMETER: Code = ("mm3", "UCUM", "cubic millimeter")
+
+LATERALITY: dict[str, Code] = {"left": ("7771000", "SCT", "Left"), "right": ("24028007", "SCT", "Right")}
 
 STRUCTURES = (
     Structure(1, "Hippocampus anterior", ANATOMICAL_STRUCTURE, HIPPOCAMPUS, (230, 159, 0)),
@@ -52,6 +57,10 @@ class HippocampusAnalysis:
     """
 
     name = "hippocampus"
+    #: The node finds this patient's earlier results and the reports show the change since them.
+    uses_prior_results = True
+    #: Limits of the low-confidence flag (see quality.py for how they were derived).
+    quality_thresholds: QualityThresholds = SHIPPED_THRESHOLDS
 
     def __init__(
         self,
@@ -130,7 +139,12 @@ class HippocampusAnalysis:
         if volume.modality != "MR":
             raise InputError(f"series {volume.series_instance_uid} is {volume.modality}, not MR")
         image, space = to_model_space(volume, TRAINING_AXCODES, TRAINING_SPACING_MM)
-        labels = space.to_source(self._segmenter.segment(image))
+        model_labels, unmirrored, mirrored = self._segmenter.segment_with_passes(image)
+        quality = assess_quality(
+            unmirrored, mirrored, model_labels, float(np.prod(TRAINING_SPACING_MM)), self.quality_thresholds
+        )
+        labels = space.to_source(model_labels)
+        side = determine_side(volume.affine, labels)
         voxel_mm3 = float(np.prod(volume.spacing_mm))
         volumes = {s.label: float(np.count_nonzero(labels == s.label)) * voxel_mm3 for s in STRUCTURES}
         measurements = tuple(
@@ -145,7 +159,8 @@ class HippocampusAnalysis:
             model_name=self.model_name,
             model_version=self.model_version,
             method="deep learning: 3D U-Net trained on MSD Task04 hippocampus",
-            structures=STRUCTURES,
+            structures=tuple(replace(s, laterality=LATERALITY[side.side]) for s in STRUCTURES)
+            if side.side in LATERALITY else STRUCTURES,
             measurements=measurements,
             label_map=labels.astype(np.uint8),
             key_slices=key,
@@ -157,4 +172,7 @@ class HippocampusAnalysis:
                 },
                 "voxel_spacing_mm": [round(float(s), 4) for s in volume.spacing_mm],
             },
+            quality=quality,
+            side=side.side,
+            side_reason=side.reason,
         )

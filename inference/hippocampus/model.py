@@ -20,6 +20,21 @@ DEFAULT_ARCHITECTURE: dict[str, int] = {
 }
 
 
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """Instance normalisation computed as a group norm with one group per channel.
+
+    The same normalisation as :class:`torch.nn.InstanceNorm3d` with ``affine=True`` and no
+    running statistics (same parameters, same ``state_dict`` keys), but much faster on CPU:
+    torch 2.13's ``instance_norm`` reshapes to ``(1, batch * channels, ...)`` and runs batch
+    norm, about 15 ms per full-resolution layer of a two-volume batch on this project's CPU,
+    against about 1 ms for ``group_norm`` (measured, see ``benchmarks/inference_time.py``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise each channel of each volume of ``x`` (``(batch, channels, d0, d1, d2)``)."""
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
 class ConvBlock(nn.Sequential):
     """Two 3x3x3 convolutions, each followed by instance norm and LeakyReLU.
 
@@ -34,10 +49,10 @@ class ConvBlock(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__(
             nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
-            nn.InstanceNorm3d(out_channels, affine=True),
+            InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
             nn.Conv3d(out_channels, out_channels, 3, padding=1),
-            nn.InstanceNorm3d(out_channels, affine=True),
+            InstanceNorm3d(out_channels, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
         )
 

@@ -105,6 +105,28 @@ def load_case(data_dir: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+def memory_format_for(device: str) -> torch.memory_format:
+    """Return the tensor layout the network runs fastest in on ``device``.
+
+    On CPU, channels-last (NDHWC) lets oneDNN run the 3D convolutions without reordering
+    every input and output; measured about 1.4x faster for this network on this project's CPU
+    (``benchmarks/inference_time.py``). CUDA keeps the default layout.
+
+    Parameters
+    ----------
+    device
+        Torch device string.
+
+    Returns
+    -------
+    torch.memory_format
+        ``torch.channels_last_3d`` on CPU, ``torch.contiguous_format`` elsewhere.
+    """
+    if torch.device(device).type == "cpu":
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def predict_probabilities(
     model: UNet3d, image_norm: np.ndarray, device: str, *, mirror: bool
 ) -> torch.Tensor:
@@ -121,14 +143,29 @@ def predict_probabilities(
     mirror
         Average the softmax of the image and of its left-right mirror (axis 0). Only the
         left-right axis is mirrored: the labels are defined along the anterior-posterior axis.
+        Both go through the network as one batch of two, which costs less than two passes.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image_norm, dtype=np.float32))
-    x = x[None, None].to(device)
+    probs = predict_passes(model, image_norm, device, mirror=mirror)
+    return probs.mean(dim=0)
+
+
+def predict_passes(
+    model: UNet3d, image_norm: np.ndarray, device: str, *, mirror: bool
+) -> torch.Tensor:
+    """Return the class probabilities of each test-time pass, shape ``(passes, classes, *image)``.
+
+    Pass 0 is the image itself; with ``mirror``, pass 1 is its left-right mirror, flipped back
+    into the image's orientation. Parameters as for :func:`predict_probabilities`.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image_norm, dtype=np.float32))[None, None]
+    if mirror:
+        x = torch.cat([x, x.flip(2)])
+    x = x.to(device).contiguous(memory_format=memory_format_for(device))
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1)
         if mirror:
-            probs = (probs + torch.softmax(model(x.flip(2)), dim=1).flip(2)) / 2
-    return probs[0]
+            probs = torch.stack([probs[0], probs[1].flip(1)])
+    return probs
 
 
 def predict_labels(
@@ -164,7 +201,9 @@ class HippocampusSegmenter:
         model = UNet3d(**self._meta["architecture"])
         state = {key: value.float() for key, value in checkpoint["state_dict"].items()}
         model.load_state_dict(state)
-        self._model = model.to(device).eval()
+        # Module.to's typed overloads do not name memory_format; the call is documented.
+        moved: UNet3d = model.to(device, memory_format=memory_format_for(device))  # type: ignore[call-overload]
+        self._model = moved.eval()
         logger.info(
             "loaded %s %s on %s", self._meta.get("model_name"), self._meta.get("version"), device
         )
@@ -226,11 +265,37 @@ class HippocampusEnsemble:
 
     def segment(self, image_ras: np.ndarray) -> np.ndarray:
         """Label a crop like :meth:`HippocampusSegmenter.segment`, averaging every member."""
+        return self.segment_with_passes(image_ras)[0]
+
+    def segment_with_passes(self, image_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label a crop, and also return the labels of the unmirrored and the mirrored passes.
+
+        Parameters
+        ----------
+        image_ras
+            As for :meth:`HippocampusSegmenter.segment`.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            uint8 label maps, same shape as the input: every pass of every member averaged
+            (the result), the unmirrored passes averaged over members, the mirrored passes
+            (flipped back) averaged over members.
+
+        Raises
+        ------
+        ValueError
+            If the array is not 3D or holds non-finite values.
+        """
         image = normalise(checked(image_ras))
-        probs = torch.stack(
-            [predict_probabilities(m.model, image, self._device, mirror=True) for m in self.members]
+        passes = torch.stack(
+            [predict_passes(m.model, image, self._device, mirror=True) for m in self.members]
         ).sum(dim=0)
-        return probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+        labels = [
+            probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+            for probs in (passes.sum(dim=0), passes[0], passes[1])
+        ]
+        return labels[0], labels[1], labels[2]
 
 
 def checked(image_ras: np.ndarray) -> np.ndarray:

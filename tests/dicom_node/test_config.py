@@ -267,3 +267,13 @@ def test_job_server_keys_are_validated_and_default_under_the_data_dir(tmp_path: 
     config = build_config({"node": {"data_dir": str(tmp_path)}})
     assert config.api.jobs_folder(config.node.data_dir) == tmp_path / "jobs"
     assert config.api.job_names == {"3dblur": "gaussian-blur"} and config.node.log_file is None
+def test_priors_pacs_url_must_be_http(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[priors]\npacs_url = "pacs.example.org:8042"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "node.toml: priors.pacs_url: must be an http:// or https:// URL, got 'pacs.example.org:8042'"
+    path.write_text('[priors]\npacs_url = "http://pacs.example.org:8042"\ntimeout_s = 5\n')
+    config = load_config(path)
+    assert (config.priors.pacs_url, config.priors.timeout_s, config.priors.enabled) == (
+        "http://pacs.example.org:8042", 5.0, True)

@@ -15,6 +15,8 @@ from inference.hippocampus.predict import (
     evaluate,
     list_cases,
     load_case,
+    normalise,
+    predict_passes,
 )
 from inference.hippocampus.train import split_cases, train
 
@@ -130,3 +132,28 @@ def test_shipped_weights_respect_the_anterior_posterior_axis() -> None:
     anterior_y = np.nonzero(labels == 1)[1].mean()
     posterior_y = np.nonzero(labels == 2)[1].mean()
     assert anterior_y > posterior_y
+
+
+@needs_data
+def test_fast_path_matches_torch_instance_norm_and_two_passes() -> None:
+    """Group-norm instance norm, channels-last and one mirrored batch change nothing."""
+    segmenter = HippocampusSegmenter(WEIGHTS, "cpu")
+    reference = UNet3d(**segmenter.meta["architecture"])
+    for module in list(reference.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.InstanceNorm3d):
+                setattr(module, name, torch.nn.InstanceNorm3d(child.num_features, affine=True))
+    reference.load_state_dict(segmenter.model.state_dict())
+    reference.eval()
+    image, _ = load_case(DATA_DIR, segmenter.meta["split"][1])
+    image_norm = normalise(image)
+    x = torch.from_numpy(image_norm)[None, None]
+    with torch.inference_mode():
+        expected = torch.softmax(reference(x), dim=1)[0]
+        expected_mirror = torch.softmax(reference(x.flip(2)), dim=1)[0].flip(1)
+    passes = predict_passes(segmenter.model, image_norm, "cpu", mirror=True)
+    assert passes.shape == (2, 3, *image.shape)
+    assert torch.allclose(passes[0], expected, atol=1e-4)
+    assert torch.allclose(passes[1], expected_mirror, atol=1e-4)
+    labels = segmenter.segment(image)
+    assert np.array_equal(labels, ((expected + expected_mirror) / 2).argmax(dim=0).numpy())

@@ -161,3 +161,25 @@ def test_batch_commands_log_to_a_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "offline.hdf5: wrote" in log.read_text(encoding="utf-8")
     assert "offline.hdf5: wrote" in done.stderr  # and still on stderr
+def test_status_counts_low_confidence_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    series = {"modality": "MR", "description": "", "sop_class_uid": "", "manufacturer": "", "rows": 1,
+              "columns": 1, "orientation": None, "pixel_spacing": None, "slice_thickness": None,
+              "number_of_frames": None}
+    for k, low in enumerate((True, False, True)):
+        study = f"1.2.{k}"
+        ledger.record_instance(InstanceRecord(f"{study}.9.1", f"{study}.9", study, "1.2.840.10008.5.1.4.1.1.4",
+                                              "1.2.840.10008.1.2.1", "/x", 1, "ORTHANC", 1.0), series)
+        ledger.complete_study(study, 2.0, [PlannedJob("hippocampus", f"{study}.9")])
+        job = ledger.claim_next_job(3.0, ["hippocampus"])
+        assert job is not None
+        reasons = ["image and mirror disagree (Dice 0.13 < 0.87)"] if low else []
+        ledger.finish_job(job.id, 4.0, state="done",
+                          summary={"quality": {"low_confidence": low, "reasons": reasons, "checks": {}}})
+    assert ledger.counts().low_confidence == 2
+    assert main(["status", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Low-confidence results: 2" in out
+    assert out.count("LOW CONFIDENCE: image and mirror disagree (Dice 0.13 < 0.87)") == 2
+    assert main(["status", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["results"] == {"low_confidence": 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dicom_node.errors import StudyNotProcessable
 from dicom_node.run.pipeline import JobSpec, run_job
 from inference.hippocampus.analysis import HippocampusAnalysis
 from inference.volume import load_series
+from reports.preview import _ALERT
 from tests.conftest import HIPPO_CROP_STUDY1, SHARED_DATA, sr_content_items
 from tests.factories import series_from_nifti, write_datasets
 
@@ -150,3 +152,62 @@ def test_unreadable_file_fails_the_job_with_its_name(tmp_path: Path, analysis: H
     spec = JobSpec(**{**spec.__dict__, "paths": (*spec.paths, str(broken))})
     with pytest.raises(StudyNotProcessable, match="broken.dcm is not readable DICOM"):
         run_job(spec, analysis)
+
+
+def test_low_confidence_is_shown_in_the_sc_and_recorded_in_the_sr(
+    tmp_path: Path, analysis: HippocampusAnalysis, dciodvfy: Callable[[Path], list[str]]
+) -> None:
+    """A shuffled HippoCrop: red band and Image Comments in the SC, DCM 111236 in the SR."""
+    datasets = [pydicom.dcmread(p) for p in sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))]
+    stack = np.stack([ds.pixel_array for ds in datasets])
+    shuffled = stack.ravel().copy()
+    np.random.default_rng(0).shuffle(shuffled)
+    for ds, pixels in zip(datasets, shuffled.reshape(stack.shape), strict=True):
+        ds.PixelData = np.ascontiguousarray(pixels, dtype=stack.dtype).tobytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = []
+    for k, ds in enumerate(datasets):
+        paths.append(folder / f"{k:03d}.dcm")
+        ds.save_as(paths[-1])
+    outcome = run_job(spec_for(paths, tmp_path / "out"), analysis)
+    quality = outcome.summary["quality"]
+    assert quality["low_confidence"] is True and quality["reasons"]
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["quality"] == quality
+    for name in ("sc.dcm", "sr.dcm"):
+        assert dciodvfy(tmp_path / "out" / name) == [], name
+    sc = pydicom.dcmread(tmp_path / "out" / "sc.dcm")
+    assert sc.ImageComments.startswith("LOW CONFIDENCE: ")
+    alert = np.all(sc.pixel_array == np.array(_ALERT, dtype=np.uint8), axis=-1)
+    assert alert[:400].all(axis=1).sum() >= 40  # a full-width red band near the top
+    rating = quality_rating(tmp_path / "out" / "sr.dcm")
+    assert rating == "111236"
+
+
+def test_normal_result_records_meeting_the_quality_standard(tmp_path: Path, analysis: HippocampusAnalysis) -> None:
+    paths = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))
+    outcome = run_job(spec_for(paths, tmp_path), analysis)
+    assert outcome.summary["quality"]["low_confidence"] is False
+    assert quality_rating(tmp_path / "sr.dcm") == "111237"
+    sc = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert "ImageComments" not in sc
+    assert not np.all(sc.pixel_array == np.array(_ALERT, dtype=np.uint8), axis=-1).all(axis=1).any()
+
+
+def quality_rating(sr_path: Path) -> str:
+    """The value of the SR's "Analysis Quality Rating" (DCM 111693) evaluation."""
+    sr = pydicom.dcmread(sr_path)
+    (item,) = [
+        item for item in sr_content_items(sr.ContentSequence)
+        if item.get("ValueType") == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "111693"
+    ]
+    return str(item.ConceptCodeSequence[0].CodeValue)
+
+
+def test_side_and_normal_range_statement_in_the_result(tmp_path: Path, analysis: HippocampusAnalysis) -> None:
+    paths = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))
+    summary = run_job(spec_for(paths, tmp_path), analysis).summary
+    assert summary["side"] == "unknown" and "placeholder coordinates" in summary["side_reason"]
+    assert summary["normal_range"].startswith("No percentile: no published normative data")
+    assert "side (the series' first voxel lies at x = 0, y = 0 mm" in summary["normal_range"]

@@ -28,7 +28,8 @@ def test_metrics_parse_and_count(tmp_path: Path) -> None:
     metrics = NodeMetrics(ledger, lambda: {"dicom": counters})
     job = ledger.claim_next_job(4.0, ["a"])
     assert job is not None
-    ledger.finish_job(job.id, 6.0, state="done", timings={"infer": 1.5, "report": 0.2})
+    ledger.finish_job(job.id, 6.0, state="done", timings={"infer": 1.5, "report": 0.2},
+                      summary={"quality": {"low_confidence": True, "reasons": ["image and mirror disagree"]}})
     finished = ledger.job(job.uid)
     assert finished is not None
     metrics.observe_job(finished, ledger.study("1.2"), "done")
@@ -41,6 +42,7 @@ def test_metrics_parse_and_count(tmp_path: Path) -> None:
     assert samples[("dicom_node_stage_seconds_count", (("stage", "send"),))] == 1
     assert samples[("dicom_node_jobs_finished_total", (("analysis", "a"), ("outcome", "done")))] == 1
     assert samples[("dicom_node_jobs", (("state", "done"),))] == 1
+    assert samples[("dicom_node_results_low_confidence", ())] == 1
     assert samples[("dicom_node_queue_depth", (("queue", "jobs"),))] == 0
     assert samples[("dicom_node_instances_received_total", (("origin", "dicom"),))] == 1
     assert samples[("dicom_node_instances_rejected_total",
