@@ -384,7 +384,10 @@ class OrthancProcess:
             users = self.config.get("RegisteredUsers") or {}
             user, password = next(iter(users.items())) if self.config.get("AuthenticationEnabled") and users \
                 else (None, None)
-            self._client = pyorthanc.Orthanc(self.base_url, username=user, password=password)
+            # No keep-alive: Orthanc closes idle connections after about a second, and a pooled
+            # connection reused after that fails with "Server disconnected without sending a response".
+            self._client = pyorthanc.Orthanc(self.base_url, username=user, password=password,
+                                             limits=httpx.Limits(max_keepalive_connections=0))
         return self._client
 
     def get_json(self, path: str, timeout_s: float = 30.0) -> Any:

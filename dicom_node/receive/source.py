@@ -54,6 +54,10 @@ class OrthancSource:
         self.client = pyorthanc.Orthanc(
             settings.url, username=settings.username, password=settings.password(name),
             timeout=settings.timeout_s,
+            # Orthanc closes idle keep-alive connections after about a second; a pooled
+            # connection reused after that fails with "Server disconnected". A few requests
+            # per study do not need keep-alive.
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def close(self) -> None:

@@ -112,7 +112,7 @@ class HippocampusAnalysis:
             return str(self._meta.get("version", "unknown"))
         return "+".join(f"{m.get('version')}s{m.get('seed')}" for m in self._metas)
 
-    def warm_up_input(self) -> WarmUpInput:
+    def warm_up_input(self) -> WarmUpInput | None:
         """A synthetic hippocampus crop of the usual size (32 x 51 x 35 at 1 mm) to warm up on."""
         return WarmUpInput("MR", (32, 51, 35), (1.0, 1.0, 1.0), "warm-up hippocampus crop")
 

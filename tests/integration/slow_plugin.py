@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from inference.base import AnalysisResult
+from inference.base import AnalysisResult, WarmUpInput
 from inference.hippocampus.analysis import HippocampusAnalysis
 from inference.volume import Volume
 
@@ -20,3 +20,7 @@ class SlowHippocampus(HippocampusAnalysis):
     def run(self, volume: Volume) -> AnalysisResult:
         time.sleep(self.delay_s)
         return super().run(volume)
+
+    def warm_up_input(self) -> WarmUpInput | None:
+        """No warm-up: the delay stands for a long real job, and a warm-up would only sleep it."""
+        return None
