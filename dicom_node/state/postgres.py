@@ -39,7 +39,7 @@ from dicom_node.state.records import (
     StudyRecord,
     StudyState,
 )
-from dicom_node.state.rows import STUDY_SELECT, job_record, series_info, study_record
+from dicom_node.state.rows import STUDY_SELECT, job_outcome, job_record, series_info, study_record
 from dicom_node.state.postgres_schema import Connection, connect, newer_message, safe_dsn, schema_version
 from dicom_node.state.schema import SCHEMA_VERSION, UPGRADE_COMMAND
 
@@ -454,13 +454,8 @@ class PostgresLedger:
                 " JOIN studies st ON st.study_uid = j.study_uid WHERE j.id = %s FOR UPDATE OF j",
                 (job_id,),
             ).fetchone()
-            if row is not None and row["cancel_requested"]:
-                state, deliveries = JobState.CANCELLED, ()
-                reason = "cancelled while it ran; its results were discarded"
-            elif row is not None and row["generation"] < row["current"] and state == JobState.DONE:
-                state = JobState.SUPERSEDED
-                reason = "new instances arrived while it ran; a newer analysis replaces it"
-                deliveries = ()
+            if row is not None:
+                state, reason, deliveries = job_outcome(row, state, reason, deliveries)
             db.execute(
                 "UPDATE jobs SET state = %s, reason = %s, finished_at = %s, timings = %s,"
                 " result_dir = coalesce(%s, result_dir), summary = %s WHERE id = %s",

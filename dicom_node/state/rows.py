@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dicom_node.state.records import JobRecord, JobState, Origin, SeriesInfo, StudyRecord, StudyState
@@ -66,3 +67,18 @@ def job_record(row: Row, **changes: Any) -> JobRecord:
     }
     fields.update(changes)
     return JobRecord(**fields)
+
+
+def job_outcome(
+    row: Row, state: JobState, reason: str | None, deliveries: Sequence[tuple[str, Sequence[str]]],
+) -> tuple[JobState, str | None, Sequence[tuple[str, Sequence[str]]]]:
+    """Return what a finishing job records, given its row (``cancel_requested``, ``generation``, ``current``).
+
+    A job cancelled while it ran ends as cancelled; a done job whose study has moved on to a
+    newer generation ends as superseded; neither queues its deliveries.
+    """
+    if row["cancel_requested"]:
+        return JobState.CANCELLED, "cancelled while it ran; its results were discarded", ()
+    if row["generation"] < row["current"] and state == JobState.DONE:
+        return JobState.SUPERSEDED, "new instances arrived while it ran; a newer analysis replaces it", ()
+    return state, reason, deliveries

@@ -27,7 +27,7 @@ from dicom_node.state.records import (
     StudyRecord,
     StudyState,
 )
-from dicom_node.state.rows import STUDY_SELECT, job_record, series_info, study_record
+from dicom_node.state.rows import STUDY_SELECT, job_outcome, job_record, series_info, study_record
 from dicom_node.state.schema import SCHEMA, SCHEMA_VERSION, migrate
 
 
@@ -435,13 +435,8 @@ class SqliteLedger:
                 " JOIN studies st ON st.study_uid = j.study_uid WHERE j.id = ?",
                 (job_id,),
             ).fetchone()
-            if row is not None and row["cancel_requested"]:
-                state, deliveries = JobState.CANCELLED, ()
-                reason = "cancelled while it ran; its results were discarded"
-            elif row is not None and row["generation"] < row["current"] and state == JobState.DONE:
-                state = JobState.SUPERSEDED
-                reason = "new instances arrived while it ran; a newer analysis replaces it"
-                deliveries = ()
+            if row is not None:
+                state, reason, deliveries = job_outcome(row, state, reason, deliveries)
             db.execute(
                 "UPDATE jobs SET state = ?, reason = ?, finished_at = ?, timings = ?,"
                 " result_dir = coalesce(?, result_dir), summary = ? WHERE id = ?",
