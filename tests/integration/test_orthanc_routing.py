@@ -98,6 +98,12 @@ def test_stable_study_reaches_the_node_once(
     for series in orthanc.series():
         assert orthanc.metadata("series", series["ID"])["AiRouted"] == str(len(series["Instances"]))
     assert not [job for job in orthanc.jobs() if job["State"] != "Success"]
+    # smallest series first, ties by Orthanc ID: the order of the "sent" lines
+    sizes = {s["ID"]: int(orthanc.get_json(f"/series/{s['ID']}/statistics")["DiskSize"]) for s in orthanc.series()}
+    sent_order = [re.search(r"\(([0-9a-f-]+)\): sent ", line).group(1)  # type: ignore[union-attr]
+                  for line in orthanc.lua_lines(r": sent \d+ instances ")]
+    assert sent_order == sorted(sizes, key=lambda series_id: (sizes[series_id], series_id))
+    assert len(set(sizes.values())) > 1, "the test study's series must differ in size"
     if orthanc.config["Plugins"]:  # the DICOMweb plugin from the shipped config is loaded
         (study,) = orthanc.get_json("/dicom-web/studies")
         assert study["0020000D"]["Value"] == [study_uid]
@@ -181,6 +187,9 @@ def test_failed_send_is_logged_and_resubmit_delivers(
         orthanc.post(f"/jobs/{job_id.group(1)}/resubmit", {})
         node.wait_for_count(len(series["Instances"]), ROUTE_DEADLINE_S)
         wait_until(lambda: orthanc.get_json(f"/jobs/{job_id.group(1)}")["State"] == "Success", 10, "job success")
+        # the resubmitted job flags the series, so its next stable event sends nothing again
+        wait_until(lambda: orthanc.metadata("series", series["ID"]).get("AiRouted") == str(len(series["Instances"])),
+                   10, "AiRouted after the resubmitted job")
 
 
 def test_shipped_config_is_json_and_names_existing_lua() -> None:
