@@ -22,6 +22,7 @@ from dicom_node.receive.association import (
     disable_nagle,
     peer_names,
 )
+from dicom_node.receive.pynetdicom_internals import check_pynetdicom_internals
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ def associate(ae: AE, destination: Destination) -> Association:
     ------
     DeliveryFailed
         ``retryable=False`` when the peer's certificate carries none of ``allowed_peer_names``.
+    RuntimeError
+        The installed pynetdicom lacks an internal the node relies on.
     """
+    check_pynetdicom_internals()
     if not destination.tls:
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                             evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)])
