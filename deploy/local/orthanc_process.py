@@ -452,15 +452,18 @@ class StoreScpProcess:
         Directory for the received files (created if absent).
     aet
         AE title to answer to.
+    options
+        More storescp options, e.g. ``+tls KEY CERT +cf CA`` for DICOM TLS.
     """
 
-    def __init__(self, out_dir: Path, aet: str = "DICOMNODE") -> None:
+    def __init__(self, out_dir: Path, aet: str = "DICOMNODE", options: Sequence[str] = ()) -> None:
         binary = shutil.which("storescp")
         if binary is None:
             raise FileNotFoundError("storescp is not on PATH (apt package dcmtk)")
         self.binary = binary
         self.out_dir = Path(out_dir)
         self.aet = aet
+        self.options = tuple(options)
         self.host = "127.0.0.1"
         self.port = free_port()
         self.log_file = self.out_dir.parent / f"storescp-{self.port}.log"
@@ -477,7 +480,8 @@ class StoreScpProcess:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         command = [
             self.binary, "--verbose", "--aetitle", self.aet, "--output-directory", str(self.out_dir),
-            "--accept-all", "--unique-filenames", "--filename-extension", ".dcm", str(self.port),
+            "--accept-all", "--unique-filenames", "--filename-extension", ".dcm", *self.options,
+            str(self.port),
         ]  # fmt: skip
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(

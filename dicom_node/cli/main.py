@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dicom_node.cli.arguments import add_config_arguments, config_from_args
 from dicom_node.cli.ledger_commands import cmd_db_upgrade, cmd_retry, cmd_status
-from dicom_node.config import NodeConfig, NodeSettings, dump_toml, parse_destination
+from dicom_node.config import Destination, NodeConfig, NodeSettings, dump_toml, parse_destination
 from dicom_node.errors import ConfigError, DeliveryFailed
 
 logger = logging.getLogger("dicom_node")
@@ -206,29 +206,75 @@ def check_sources(config: NodeConfig) -> bool:
     return answering
 
 
+def peer_destination(args: argparse.Namespace) -> tuple[Destination, str]:
+    """Return the peer of ``echo``/``send`` and our AE title.
+
+    The peer is ``AET@HOST:PORT`` (``+tls``: over DICOM TLS) or the name of a destination of
+    ``--config``. Over TLS the certificate, key and CAs are ``--tls-*`` where given, else the
+    destination's own, else ``node.tls``'s of ``--config``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown destination name, an unreadable file, or TLS without CA certificates.
+    """
+    import ssl
+
+    from dicom_node.config import TlsSettings, load_config
+    from dicom_node.receive.association import client_tls_context
+
+    config = load_config(args.config) if args.config is not None else None
+    if config is not None and args.peer in config.destinations:
+        destination = config.destinations[args.peer]
+    elif "@" in args.peer or config is None:
+        _, table = parse_destination(args.peer)
+        destination = Destination(**table).with_tls_defaults(config.node.tls if config else None)
+    else:
+        raise ConfigError(f"{args.peer!r} is neither AET@HOST:PORT[+tls] nor a destination of "
+                          f"{args.config} ({', '.join(sorted(config.destinations)) or 'none defined'})")
+    given = {key: path for key, path in (("certificate", args.tls_certificate),
+                                         ("private_key", args.tls_private_key),
+                                         ("ca_certificates", args.tls_ca_certificates))
+             if path is not None}
+    try:
+        TlsSettings(**given)  # the files exist, and certificate and key go together
+    except ValueError as exc:
+        raise ConfigError(f"--tls-*: {exc}") from None
+    if given:
+        destination = destination.model_copy(update=given)
+    if destination.tls and destination.ca_certificates is None:
+        raise ConfigError(f"{args.peer}: TLS needs CA certificates to check the peer's certificate:"
+                          " --tls-ca-certificates, or node.tls.ca_certificates in --config")
+    if destination.tls:
+        try:
+            client_tls_context(destination)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{args.peer}: the TLS files cannot be used: {exc}") from exc
+    calling = args.calling_ae or (config.node.ae_title if config else NodeSettings().ae_title)
+    return destination, calling
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.config import Destination
     from dicom_node.deliver.sender import echo
     from dicom_node.status import describe
 
-    _, table = parse_destination(args.peer)
-    code = echo(Destination(**table), calling_ae_title=args.calling_ae)
+    destination, calling = peer_destination(args)
+    code = echo(destination, calling_ae_title=calling)
     print(f"C-ECHO {args.peer}: {describe(code)}")
     return 0 if code == 0 else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.config import Destination
     from dicom_node.deliver.sender import send_files
     from dicom_node.receive.files import iter_files
 
-    _, table = parse_destination(args.peer)
+    destination, calling = peer_destination(args)
     files = [file for path in args.paths for file in iter_files(path)]
     if not files:
         print("no files to send", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    stored = send_files(files, Destination(**table), calling_ae_title=args.calling_ae)
+    stored = send_files(files, destination, calling_ae_title=calling)
     print(f"sent {len(stored)} instance(s) to {args.peer} in {time.perf_counter() - start:.2f} s")
     return 0
 
@@ -303,8 +349,17 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
         ("send", cmd_send, "C-STORE files or folders to a DICOM peer"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("peer", metavar="AET@HOST:PORT")
-        p.add_argument("--calling-ae", default=node_name, help=f"our AE title (default {node_name})")
+        p.add_argument("peer", metavar="AET@HOST:PORT[+tls]|DESTINATION",
+                       help="the peer, +tls over DICOM TLS; or a destination of --config")
+        p.add_argument("--calling-ae", help=f"our AE title (default node.ae_title of --config, "
+                                            f"else {node_name})")
+        p.add_argument("--config", "-c", type=Path,
+                       help="node configuration: its destinations, node.ae_title and node.tls files")
+        p.add_argument("--tls-certificate", type=Path, metavar="PEM",
+                       help="our certificate over TLS (default: the destination's, else node.tls's)")
+        p.add_argument("--tls-private-key", type=Path, metavar="PEM", help="its private key")
+        p.add_argument("--tls-ca-certificates", type=Path, metavar="PEM",
+                       help="the CAs that must have signed the peer's certificate")
         if name == "send":
             p.add_argument("paths", nargs="+", type=Path)
         p.set_defaults(func=func)

@@ -22,6 +22,7 @@ from dicom_node.receive.association import (
     disable_nagle,
     peer_names,
 )
+from dicom_node.receive.pynetdicom_internals import check_pynetdicom_internals
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,30 @@ def associate(ae: AE, destination: Destination) -> Association:
     Raises
     ------
     DeliveryFailed
-        ``retryable=False`` when the peer's certificate carries none of ``allowed_peer_names``.
+        ``retryable=False`` when the peer's certificate carries none of ``allowed_peer_names``
+        (naming those it carries and those allowed); ``retryable=True`` with the reason when
+        the TLS handshake failed (e.g. a certificate not signed by ``ca_certificates``).
+    RuntimeError
+        The installed pynetdicom lacks an internal the node relies on.
     """
+    check_pynetdicom_internals()
     if not destination.tls:
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                             evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)])
     context = client_tls_context(destination)
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
                          tls_args=(context, destination.host))
+    error = context.handshake_error
+    if error is not None:
+        transport = assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.close()  # pynetdicom leaves a failed TLS socket open
+        detail = getattr(error, "verify_message", None)
+        raise DeliveryFailed(f"TLS handshake with {where} failed: {error.reason or error}"
+                             + (f" ({detail}; checked against ca_certificates)" if detail else ""),
+                             retryable=True)
     if assoc.is_established and destination.allowed_peer_names:
         transport = assoc.dul.socket
         sock = transport.socket if transport is not None else None
@@ -49,9 +65,9 @@ def associate(ae: AE, destination: Destination) -> Association:
         if not names & set(destination.allowed_peer_names):
             assoc.abort()
             raise DeliveryFailed(
-                f"{destination.ae_title}@{destination.host}:{destination.port} presented a "
-                f"certificate for {', '.join(sorted(names)) or 'no name'}, not one of "
-                f"allowed_peer_names", retryable=False)
+                f"{where} presented a certificate for {', '.join(sorted(names)) or 'no name'}, "
+                f"none of allowed_peer_names ({', '.join(destination.allowed_peer_names)}): "
+                "nothing sent", retryable=False)
     return assoc
 
 

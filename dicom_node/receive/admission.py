@@ -3,8 +3,9 @@
 A connection is *pending* from the moment it is accepted until its A-ASSOCIATE-RQ is complete;
 then it takes an association slot until it closes. Pending connections never hold slots: they
 are bounded separately (``node.max_pending_connections``, ``node.max_connections_per_address``)
-and, at a bound, the oldest pending one makes room for the newcomer, so a peer that connects and
-says nothing cannot keep a real sender out. pynetdicom reads an accepted socket without a
+and, at a bound, the oldest idle pending one makes room for the newcomer (from the address with
+the most pending connections), so a peer that connects and says nothing cannot keep a real
+sender out, and one that is sending its request is not dropped for a newcomer. pynetdicom reads an accepted socket without a
 timeout; the gate gives each one a read timeout and closes pending connections that have not
 completed their request in ``node.association_request_timeout_s`` (a peer trickling one byte at
 a time would defeat a read timeout alone).
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pynetdicom.association import Association
@@ -81,11 +83,54 @@ class RateLimitedLog:
         logger.warning(message, *args)
 
 
+#: A pending connection that received bytes this recently is sending its request: it is not
+#: displaced to make room for a newcomer (which has sent nothing yet).
+PROGRESS_WINDOW_S = 1.0
+
+_SETTING = {"address_limit": "node.max_connections_per_address",
+            "pending_limit": "node.max_pending_connections"}
+
+#: Offsets in Linux's ``struct tcp_info`` (linux/tcp.h): ms since data last arrived (since 2.6),
+#: bytes received (since 4.1).
+_TCPI_LAST_DATA_RECV = 52
+_TCPI_BYTES_RECEIVED = 128
+
+
 @dataclass
 class _Pending:
     assoc: Association
     address: str
     opened: float
+
+
+def seconds_since_data(assoc: Association) -> float | None:
+    """Return how long ago the kernel last received data on an association's socket.
+
+    Read from ``TCP_INFO`` (pynetdicom may already have consumed the bytes, so they cannot
+    be peeked at). ``None`` when nothing was ever received, or the platform does not tell.
+    """
+    transport = assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+    except OSError:  # closed meanwhile
+        return None
+    if len(info) < _TCPI_BYTES_RECEIVED + 8 or not struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]:
+        return None
+    return float(struct.unpack_from("I", info, _TCPI_LAST_DATA_RECV)[0]) / 1000.0
+
+
+def _progressing(pending: _Pending) -> bool:
+    since = seconds_since_data(pending.assoc)
+    return since is not None and since < PROGRESS_WINDOW_S
+
+
+def _oldest_idle(candidates: Iterable[_Pending]) -> _Pending | None:
+    idle = [p for p in candidates if not _progressing(p)]
+    return min(idle, key=lambda p: p.opened) if idle else None
 
 
 def close_socket(assoc: Association) -> None:
@@ -134,47 +179,61 @@ class AdmissionGate:
     # -- connection life cycle ------------------------------------------------------------
 
     def open(self, assoc: Association, address: str) -> None:
-        """Admit a new connection as pending, displacing older pending ones at a bound."""
+        """Admit a new connection as pending, displacing an idle pending one at a bound.
+
+        At ``node.max_connections_per_address`` the oldest idle pending connection from the
+        same address makes room; at ``node.max_pending_connections`` the oldest idle one from
+        the address with the most pending connections does, so a flood from one address
+        displaces its own connections before anyone else's. A connection that received
+        request bytes in the last :data:`PROGRESS_WINDOW_S` is never displaced: when no idle
+        one is left, the newcomer is refused instead.
+        """
         set_read_timeout(assoc, self.settings.association_request_timeout_s + BACKSTOP_S)
         assoc.dul._run_loop_delay = PENDING_LOOP_DELAY_S
         displaced: list[tuple[_Pending, str]] = []
-        refuse = False
+        refused: str | None = None
         with self._lock:
-            self._pending[assoc] = _Pending(assoc, address, time.monotonic())
-            if len(self._pending) > self.settings.max_pending_connections:
-                oldest = min(self._pending.values(), key=lambda p: p.opened)
-                displaced.append((oldest, "pending_limit"))
-                del self._pending[oldest.assoc]
+            newcomer = _Pending(assoc, address, time.monotonic())
+            self._pending[assoc] = newcomer
             from_address = [p for p in self._pending.values() if p.address == address]
             established = sum(1 for a in self._established.values() if a == address)
             if len(from_address) + established > self.settings.max_connections_per_address:
-                older = [p for p in from_address if p.assoc is not assoc]
-                if older:
-                    oldest = min(older, key=lambda p: p.opened)
-                    displaced.append((oldest, "address_limit"))
-                    del self._pending[oldest.assoc]
+                victim = _oldest_idle(p for p in from_address if p is not newcomer)
+                if victim is not None:
+                    displaced.append((victim, "address_limit"))
+                    del self._pending[victim.assoc]
                 else:
-                    del self._pending[assoc]
-                    refuse = True
+                    refused = "address_limit"
+            if refused is None and len(self._pending) > self.settings.max_pending_connections:
+                per_address = Counter(p.address for p in self._pending.values())
+                idle = [p for p in self._pending.values() if p is not newcomer and not _progressing(p)]
+                if idle:
+                    victim = min(idle, key=lambda p: (-per_address[p.address], p.opened))
+                    displaced.append((victim, "pending_limit"))
+                    del self._pending[victim.assoc]
+                else:
+                    refused = "pending_limit"
+            if refused is not None:
+                del self._pending[assoc]
+                self.closed_by_gate.add(assoc)
             for pending, _ in displaced:
                 self.closed_by_gate.add(pending.assoc)
-            if refuse:
-                self.closed_by_gate.add(assoc)
         for pending, reason in displaced:
             self.on_refused(reason)
-            key = "node.max_pending_connections" if reason == "pending_limit" else (
-                "node.max_connections_per_address")
             self.log.warning(f"{reason}:{pending.address}",
                              "closed pending connection from %s, open %.1f s without a complete "
-                             "A-ASSOCIATE-RQ, to make room for a new one (%s)",
-                             pending.address, time.monotonic() - pending.opened, key)
+                             "A-ASSOCIATE-RQ and idle, to make room for a new one (%s)",
+                             pending.address, time.monotonic() - pending.opened, _SETTING[reason])
             close_socket(pending.assoc)
-        if refuse:
-            self.on_refused("address_limit")
-            self.log.warning(f"address_limit:{address}",
-                             "refused connection from %s: already %d connection(s) from that "
-                             "address, all associated (node.max_connections_per_address)",
-                             address, self.settings.max_connections_per_address)
+        if refused is not None:
+            self.on_refused(refused)
+            self.log.warning(f"{refused}:{address}",
+                             "refused connection from %s: %s, every one associated or still "
+                             "sending its request (%s)", address,
+                             f"{self.settings.max_connections_per_address} connection(s) from that "
+                             "address" if refused == "address_limit" else
+                             f"{self.settings.max_pending_connections} pending connections",
+                             _SETTING[refused])
             close_socket(assoc)
 
     def request_complete(self, assoc: Association) -> bool:

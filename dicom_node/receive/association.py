@@ -93,11 +93,35 @@ def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def client_tls_context(destination: Destination) -> ssl.SSLContext:
+class _HandshakeRecordingSocket(ssl.SSLSocket):
+    """A client TLS socket that leaves the reason of a failed handshake on its context."""
+
+    def connect(self, addr: Any) -> None:
+        try:
+            super().connect(addr)
+        except ssl.SSLError as exc:
+            if isinstance(self.context, ClientTlsContext):
+                self.context.handshake_error = exc
+            raise
+
+
+class ClientTlsContext(ssl.SSLContext):
+    """The TLS context of one association we request; says why its handshake failed.
+
+    pynetdicom logs a failed handshake and reports only that the association was not
+    established; ``handshake_error`` keeps the reason (e.g. the peer's certificate is not
+    signed by ``ca_certificates``) for the caller's message.
+    """
+
+    sslsocket_class = _HandshakeRecordingSocket
+    handshake_error: ssl.SSLError | None = None
+
+
+def client_tls_context(destination: Destination) -> ClientTlsContext:
     """Return the TLS context for sending to ``destination``: TLS 1.2 or later, the peer's
     certificate checked against ``ca_certificates`` and, unless ``allowed_peer_names`` is set
     (then checked after the handshake, :func:`check_peer_name`), against the host name."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ClientTlsContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if destination.ca_certificates is not None:
         context.load_verify_locations(destination.ca_certificates)

@@ -44,6 +44,7 @@ from dicom_node.receive.ingest import identify, persist, raw_uid, series_attribu
 from dicom_node.state.records import InstanceRecord
 from dicom_node.state.ledger import Ledger
 from dicom_node.receive.peer_errors import PeerErrorFilter
+from dicom_node.receive.pynetdicom_internals import check_pynetdicom_internals
 from dicom_node.receive.spool import Spool, is_valid_uid
 from dicom_node.receive.structure import check_structure
 
@@ -245,7 +246,14 @@ class StorageSCP:
         return ae
 
     def start(self) -> tuple[str, int]:
-        """Start listening in background threads; return the bound (host, port)."""
+        """Start listening in background threads; return the bound (host, port).
+
+        Raises
+        ------
+        RuntimeError
+            The installed pynetdicom lacks an internal the SCP relies on.
+        """
+        check_pynetdicom_internals()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),

@@ -299,5 +299,5 @@ def test_connections_beyond_the_per_address_cap_are_refused_and_counted(
         server.stop()
     assert server.counters.refused_connections == {"address_limit": 1}
     (line,) = [r.getMessage() for r in caplog.records if "refused connection" in r.getMessage()]
-    assert line == ("refused connection from 127.0.0.1: already 1 connection(s) from that address, "
-                    "all associated (node.max_connections_per_address)")
+    assert line == ("refused connection from 127.0.0.1: 1 connection(s) from that address, every one "
+                    "associated or still sending its request (node.max_connections_per_address)")

@@ -18,10 +18,12 @@ from pydicom.uid import generate_uid
 from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import DCMTK_ENV, StoreScpProcess, free_port, wait_until
 from tests.conftest import HIPPO_DICOM
+from tests.integration.raw_association import EXPLICIT_LITTLE, RawAssociation, associate_rq
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERIES = HIPPO_DICOM / "Study2" / "14_HCropVolume"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 #: Seconds a silent connection may stay open in the lock-out test (default 5: this leaves time
@@ -129,34 +131,75 @@ def test_silent_peers_do_not_keep_a_study_out(
 ) -> None:
     """16 connections that send 6 bytes of an A-ASSOCIATE-RQ and stop, and 50 idle sockets:
     a real study is accepted at once and analysed, the node's CPU stays low while they hang,
-    and each of them is closed within ``node.association_request_timeout_s``."""
+    and each of them is closed within ``node.association_request_timeout_s``.
+
+    They come from the sender's own address, past ``node.max_connections_per_address`` (48):
+    a connection from there that is still sending its request is not dropped for them. 20
+    idle sockets from another address, opened first, are not displaced by the flood either
+    (``node.max_pending_connections``, 64): they stay until their own timeout."""
     assert node.process is not None
     study = copy_study(tmp_path / "study")
     opened = time.monotonic()
+    elsewhere = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))  # Linux routes all of 127/8 to the loopback interface
+        sock.connect(("127.0.0.1", node.port))
+        elsewhere.append(sock)
+    request = associate_rq("DICOMNODE", "SLOWSENDER", MR_IMAGE_STORAGE, EXPLICIT_LITTLE)
+    slow = RawAssociation("127.0.0.1", node.port, timeout_s=30)
+    slow.sock.sendall(request[:10])
+    answers: list[int | None] = []
+
+    def send_slowly(sent: int) -> None:
+        """Go on sending the request a byte every 0.2 s while the node takes in the flood."""
+        try:
+            for _ in range(7):
+                time.sleep(0.2)
+                slow.sock.sendall(request[sent:sent + 1])
+                sent += 1
+            slow.sock.sendall(request[sent:])
+            answer = slow.read_pdu()
+            answers.append(answer[0] if answer is not None else None)
+            if answer is not None:
+                slow.release()
+        except OSError:  # dropped by the node
+            answers.append(None)
+        finally:
+            slow.close()
+
+    sent = 10
     socks = []
     for index in range(66):
         sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
         if index < 16:
             sock.sendall(b"\x01\x00\xff\xff\xff\xff")
         socks.append(sock)
-    closed_after: list[float] = []
+        if index % 8 == 0:
+            slow.sock.sendall(request[sent:sent + 1])
+            sent += 1
+    slow_sender = threading.Thread(target=send_slowly, args=(sent,))
+    slow_sender.start()
+    closed_after: dict[socket.socket, float] = {}
 
     def wait_closed(sock: socket.socket) -> None:
         try:
             if sock.recv(1) == b"":
-                closed_after.append(time.monotonic() - opened)
+                closed_after[sock] = time.monotonic() - opened
         except OSError:  # closed here, after a failure
             pass
 
-    waiters = [threading.Thread(target=wait_closed, args=(s,)) for s in socks]
+    waiters = [threading.Thread(target=wait_closed, args=(s,)) for s in socks + elsewhere]
     try:
         for waiter in waiters:
             waiter.start()
         time.sleep(1.5)  # every connection accepted and its threads started
+        slow_sender.join(timeout=10)
+        assert answers == [0x02]  # A-ASSOCIATE-AC: not dropped for the flood
         cpu_started, wall_started = node_cpu_s(node.process.pid), time.monotonic()
         time.sleep(2.0)
         cpu_share = (node_cpu_s(node.process.pid) - cpu_started) / (time.monotonic() - wall_started)
-        print(f"node CPU while 66 connections hang: {cpu_share:.1%} of a core")
+        print(f"node CPU while 86 connections hang: {cpu_share:.1%} of a core")
         assert cpu_share < 0.10
         started = time.monotonic()
         sender = storescu(tmp_path / "study", node.port)
@@ -167,10 +210,13 @@ def test_silent_peers_do_not_keep_a_study_out(
         assert sent_s < 2.0 and time.monotonic() - opened < REQUEST_TIMEOUT_S  # all still open
         for waiter in waiters:
             waiter.join(timeout=REQUEST_TIMEOUT_S + 5)
-        print(f"silent connections closed after {min(closed_after):.1f}-{max(closed_after):.1f} s")
-        assert len(closed_after) == 66 and max(closed_after) < REQUEST_TIMEOUT_S + 2.0
+        times = list(closed_after.values())
+        print(f"silent connections closed after {min(times):.1f}-{max(times):.1f} s")
+        assert len(times) == 86 and max(times) < REQUEST_TIMEOUT_S + 2.0
+        # the other address's connections ran to their timeout: the flood displaced its own
+        assert min(closed_after[sock] for sock in elsewhere) > REQUEST_TIMEOUT_S - 1.0
     finally:
-        for sock in socks:
+        for sock in socks + elsewhere:
             sock.close()
     wait_for_results(node, [study], deadline_s=180)
     assert_each_result_once(node, storescp, [study])

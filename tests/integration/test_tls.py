@@ -22,9 +22,14 @@ from deploy.local.orthanc_process import (
     DCMTK_ENV,
     NODE_MODALITY,
     OrthancProcess,
+    StoreScpProcess,
     free_port,
     wait_until,
 )
+from dicom_node.cli.main import main
+from dicom_node.config import Destination
+from dicom_node.deliver.sender import send_files
+from dicom_node.errors import DeliveryFailed
 from tests.conftest import HIPPO_DICOM
 from tests.integration.conftest import OrthancFactory
 
@@ -167,3 +172,72 @@ def test_peers_without_a_valid_certificate_and_clear_text_are_refused(
     log = node.log_text()
     assert "Traceback" not in log
     assert "association with 127.0.0.1:" in log  # the refusals, one WARNING each
+
+
+@pytest.fixture
+def tls_storescp(tmp_path: Path, certs: dict[str, Path]) -> Iterator[StoreScpProcess]:
+    """DCMTK storescp over DICOM TLS only, with Orthanc's certificate, requiring a client's."""
+    scp = StoreScpProcess(tmp_path / "tls-storescp", aet="PACS", options=[
+        "+tls", str(certs["orthanc.key"]), str(certs["orthanc"]), "+cf", str(certs["ca"])])
+    scp.start()
+    yield scp
+    scp.stop()
+    print(scp.log_text()[-3000:])
+
+
+def tls_destination(scp: StoreScpProcess, certs: dict[str, Path], **options: object) -> Destination:
+    return Destination(ae_title=scp.aet, host=scp.host, port=scp.port, tls=True,
+                       certificate=certs["node"], private_key=certs["node.key"],
+                       ca_certificates=certs["ca"], **options)
+
+
+def test_allowed_peer_names_are_checked_against_the_certificate_of_a_real_peer(
+    tls_storescp: StoreScpProcess, certs: dict[str, Path]
+) -> None:
+    files = sorted(SERIES.glob("*.dcm"))[:2]
+    # its certificate: CN orthanc, subjectAltName IP 127.0.0.1 and DNS localhost
+    for allowed in (("localhost",), ("orthanc",), ("pacs.example.org", "127.0.0.1")):
+        stored = send_files(files[:1], tls_destination(tls_storescp, certs, allowed_peer_names=allowed),
+                            calling_ae_title="DICOMNODE")
+        assert len(stored) == 1
+    assert len(tls_storescp.wait_for_count(3, deadline_s=10)) == 3
+    with pytest.raises(DeliveryFailed) as info:
+        send_files(files, tls_destination(tls_storescp, certs, allowed_peer_names=("pacs.example.org",)),
+                   calling_ae_title="DICOMNODE")
+    message = str(info.value)
+    assert "presented a certificate for 127.0.0.1, localhost, orthanc" in message
+    assert "none of allowed_peer_names (pacs.example.org)" in message
+    assert not info.value.retryable  # dead-lettered at once: a re-try cannot change the certificate
+    time.sleep(0.5)
+    assert len(tls_storescp.received()) == 3  # nothing sent to it
+
+
+def test_cli_echo_and_send_over_tls_use_the_configured_certificates(
+    tmp_path: Path, tls_storescp: StoreScpProcess, certs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    peer = f"{tls_storescp.aet}@{tls_storescp.host}:{tls_storescp.port}+tls"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nae_title = "AINODE"\n'
+        f'[node.tls]\ncertificate = "{certs["node"]}"\nprivate_key = "{certs["node.key"]}"\n'
+        f'ca_certificates = "{certs["ca"]}"\n'
+        f'[destinations.pacs]\nae_title = "{tls_storescp.aet}"\nhost = "{tls_storescp.host}"\n'
+        f'port = {tls_storescp.port}\ntls = true\n')
+    assert main(["echo", peer, "--config", str(config)]) == 0
+    assert "0x0000 Success" in capsys.readouterr().out
+    assert main(["send", "pacs", "--config", str(config), str(sorted(SERIES.glob("*.dcm"))[0])]) == 0
+    assert "sent 1 instance(s)" in capsys.readouterr().out
+    (received,) = tls_storescp.wait_for_count(1, deadline_s=10)
+    assert pydicom.dcmread(received).file_meta.SourceApplicationEntityTitle == "AINODE"  # node.ae_title
+    explicit = ["--tls-certificate", str(certs["client"]), "--tls-private-key", str(certs["client.key"])]
+    assert main(["echo", peer, *explicit, "--tls-ca-certificates", str(certs["ca"])]) == 0
+    capsys.readouterr()
+    # a CA that did not sign the peer's certificate: refused, with the reason
+    assert main(["echo", peer, *explicit, "--tls-ca-certificates", str(certs["rogue"])]) == 1
+    error = capsys.readouterr().err
+    assert f"failed: TLS handshake with {peer.removesuffix('+tls')} failed: CERTIFICATE_VERIFY_FAILED" in error
+    assert "; checked against ca_certificates)" in error  # and OpenSSL's reason before it
+    # TLS with nothing to check the peer against is a configuration error
+    assert main(["echo", peer]) == 2
+    assert "--tls-ca-certificates" in capsys.readouterr().err
