@@ -36,6 +36,12 @@ WALL_SMOOTHING_DEG = 21
 MAX_WALL_MM = 80.0
 MAX_WALL_ANTEROLATERAL_MM = 25.0
 POSTERIOR_SECTOR_DEG = 50.0
+#: The outer fascia is a smooth contour: where it dips deeper than a rectus abdominis is thick
+#: (about 10 mm in adults, Rankin et al. 2006) below its median over a sixth of the circumference,
+#: the rays passed through a gap in the wall (linea alba, diastasis recti) into pre-peritoneal fat
+#: and the fascia is bridged across at that depth, so that the fat in the gap is not subcutaneous.
+FASCIA_NOTCH_MM = 10.0
+FASCIA_CONTEXT_DEG = 61
 #: Smoothed HU above which the anterolateral wall ends (solid organs; muscle's median here is ~20).
 ORGAN_HU = 40.0
 #: Gas in the cavity, and how far fat-range pixels next to it are taken as bowel contents.
@@ -186,6 +192,8 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
         end = max(0, wall - max_wall) if end is None else max(end, wall - max_wall)
         outer[a], inner[a] = radii[wall], radii[end]
     size = WALL_SMOOTHING_DEG
+    context = ndimage.median_filter(outer, size=FASCIA_CONTEXT_DEG, mode="wrap")
+    outer = np.maximum(outer, context - FASCIA_NOTCH_MM)
     outer = ndimage.median_filter(outer, size=size, mode="wrap")
     inner = ndimage.median_filter(inner, size=size, mode="wrap")
     return WallProfile((cy, cx), outer, np.minimum(inner, outer))
@@ -234,9 +242,11 @@ def segment_slice(
     labels[muscle] = MUSCLE
     # the body's outermost pixels are skin (partial volume with air), not fat
     subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
-    # fat in a gap of the wall that is continuous with the subcutaneous layer (behind the spinous
-    # processes, between the back muscles) is subcutaneous; enclosed specks stay unlabelled
-    in_wall = fat & (radius <= outer) & (radius >= inner)
+    # fat in a gap of the back muscles that is continuous with the subcutaneous layer (behind the
+    # spinous processes) is subcutaneous; enclosed specks stay unlabelled, and so does fat in a
+    # gap of the anterolateral wall (pre-peritoneal fat under the linea alba is not subcutaneous)
+    posterior = np.abs(np.degrees(np.arctan2(dy, dx)) - 90.0) <= POSTERIOR_SECTOR_DEG
+    in_wall = fat & (radius <= outer) & (radius >= inner) & posterior
     pieces, _ = ndimage.label(in_wall | subcutaneous)
     joined = np.unique(pieces[subcutaneous])
     subcutaneous |= in_wall & np.isin(pieces, joined[joined > 0])
