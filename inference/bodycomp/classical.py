@@ -17,6 +17,10 @@ ADIPOSE_HU = (-190.0, -30.0)
 BODY_HU = -500.0
 #: Cortical and cancellous bone of a vertebra in an adult, above disc and muscle.
 BONE_HU = 150.0
+#: Pixels above this joined to bone are bone edge (partial volume) or costal cartilage (about
+#: 100-140 HU when not calcified), not muscle, although inside the muscle window: muscle
+#: attenuation averages 30-60 HU in adults (Aubrey et al. 2014) and rarely exceeds 100 HU.
+SKELETON_EDGE_HU = 100.0
 
 #: Label values of the compartments in every label map of this package.
 MUSCLE, SUBCUTANEOUS_FAT, VISCERAL_FAT = 1, 2, 3
@@ -206,7 +210,8 @@ def segment_slice(
 
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
     edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
-    liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    liver), less bone edges and costal cartilage (pixels above ``SKELETON_EDGE_HU`` joined to
+    bone); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
     inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
     subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
     pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
@@ -239,6 +244,9 @@ def segment_slice(
     outer, inner = wall.outer_mm[angle], wall.inner_mm[angle]
     fat = body & (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
     muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
+    dense, _ = ndimage.label(body & (hu > SKELETON_EDGE_HU))
+    skeleton = np.unique(dense[hu > BONE_HU])
+    muscle &= ~np.isin(dense, skeleton[skeleton > 0])
     labels[muscle] = MUSCLE
     # the body's outermost pixels are skin (partial volume with air), not fat
     subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
