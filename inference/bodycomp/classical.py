@@ -17,6 +17,10 @@ ADIPOSE_HU = (-190.0, -30.0)
 BODY_HU = -500.0
 #: Cortical and cancellous bone of a vertebra in an adult, above disc and muscle.
 BONE_HU = 150.0
+#: Pixels above this joined to bone are bone edge (partial volume) or costal cartilage (about
+#: 100-140 HU when not calcified), not muscle, although inside the muscle window: muscle
+#: attenuation averages 30-60 HU in adults (Aubrey et al. 2014) and rarely exceeds 100 HU.
+SKELETON_EDGE_HU = 100.0
 
 #: Label values of the compartments in every label map of this package.
 MUSCLE, SUBCUTANEOUS_FAT, VISCERAL_FAT = 1, 2, 3
@@ -36,6 +40,12 @@ WALL_SMOOTHING_DEG = 21
 MAX_WALL_MM = 80.0
 MAX_WALL_ANTEROLATERAL_MM = 25.0
 POSTERIOR_SECTOR_DEG = 50.0
+#: The outer fascia is a smooth contour: where it dips deeper than a rectus abdominis is thick
+#: (about 10 mm in adults, Rankin et al. 2006) below its median over a sixth of the circumference,
+#: the rays passed through a gap in the wall (linea alba, diastasis recti) into pre-peritoneal fat
+#: and the fascia is bridged across at that depth, so that the fat in the gap is not subcutaneous.
+FASCIA_NOTCH_MM = 10.0
+FASCIA_CONTEXT_DEG = 61
 #: Smoothed HU above which the anterolateral wall ends (solid organs; muscle's median here is ~20).
 ORGAN_HU = 40.0
 #: Gas in the cavity, and how far fat-range pixels next to it are taken as bowel contents.
@@ -186,6 +196,8 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
         end = max(0, wall - max_wall) if end is None else max(end, wall - max_wall)
         outer[a], inner[a] = radii[wall], radii[end]
     size = WALL_SMOOTHING_DEG
+    context = ndimage.median_filter(outer, size=FASCIA_CONTEXT_DEG, mode="wrap")
+    outer = np.maximum(outer, context - FASCIA_NOTCH_MM)
     outer = ndimage.median_filter(outer, size=size, mode="wrap")
     inner = ndimage.median_filter(inner, size=size, mode="wrap")
     return WallProfile((cy, cx), outer, np.minimum(inner, outer))
@@ -198,7 +210,8 @@ def segment_slice(
 
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
     edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
-    liver); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    liver), less bone edges and costal cartilage (pixels above ``SKELETON_EDGE_HU`` joined to
+    bone); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
     inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
     subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
     pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
@@ -231,12 +244,17 @@ def segment_slice(
     outer, inner = wall.outer_mm[angle], wall.inner_mm[angle]
     fat = body & (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
     muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
+    dense, _ = ndimage.label(body & (hu > SKELETON_EDGE_HU))
+    skeleton = np.unique(dense[hu > BONE_HU])
+    muscle &= ~np.isin(dense, skeleton[skeleton > 0])
     labels[muscle] = MUSCLE
     # the body's outermost pixels are skin (partial volume with air), not fat
     subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
-    # fat in a gap of the wall that is continuous with the subcutaneous layer (behind the spinous
-    # processes, between the back muscles) is subcutaneous; enclosed specks stay unlabelled
-    in_wall = fat & (radius <= outer) & (radius >= inner)
+    # fat in a gap of the back muscles that is continuous with the subcutaneous layer (behind the
+    # spinous processes) is subcutaneous; enclosed specks stay unlabelled, and so does fat in a
+    # gap of the anterolateral wall (pre-peritoneal fat under the linea alba is not subcutaneous)
+    posterior = np.abs(np.degrees(np.arctan2(dy, dx)) - 90.0) <= POSTERIOR_SECTOR_DEG
+    in_wall = fat & (radius <= outer) & (radius >= inner) & posterior
     pieces, _ = ndimage.label(in_wall | subcutaneous)
     joined = np.unique(pieces[subcutaneous])
     subcutaneous |= in_wall & np.isin(pieces, joined[joined > 0])
