@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK: dict[str, tuple[str, ...]] = {
     "inference_time": ("--runs", "3"),
     "bodycomp_time": ("--runs", "1"),
+    "bodycomp_first_job": ("--runs", "1"),
     "receive_throughput": ("--repeats", "1", "--ct-slices", "60", "--mr-copies", "1"),
     "end_to_end_latency": ("--runs", "3"),
 }

@@ -254,16 +254,23 @@ class WarmUpInput:
         Slice, row and column spacing in millimetres.
     description
         SeriesDescription of the synthetic series.
+    image
+        The voxels in modality units (CT: HU), axes (inferior to superior, anterior to
+        posterior, right to left) and of ``shape``, for an analysis that needs anatomy to run
+        its real path (a spine to find a level in); by default an ellipsoid over faint noise.
     """
 
     modality: str
     shape: tuple[int, int, int]
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
     description: str = "warm-up"
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise ValueError(f"shape must be three positive sizes, not {self.shape}")
+        if self.image is not None and self.image.shape != tuple(self.shape):
+            raise ValueError(f"image has shape {self.image.shape}, not {self.shape}")
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
             raise ValueError(f"spacing_mm must be three positive values, not {self.spacing_mm}")
 

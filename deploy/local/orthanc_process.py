@@ -20,6 +20,8 @@ import pyorthanc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "orthanc" / "orthanc.json"
+PULL_CONFIG = REPO_ROOT / "orthanc" / "orthanc-pull.json"
+"""The shipped configuration for pull mode: the same Orthanc without the routing script."""
 NODE_MODALITY = "dicom-node"
 """Key of the node under ``DicomModalities`` in the shipped configuration."""
 
@@ -161,7 +163,8 @@ class OrthancProcess:
     """An Orthanc configured from the shipped ``orthanc.json``, on free ports, in ``work_dir``.
 
     The configuration is rewritten for a test: free HTTP and DICOM ports, storage under
-    ``work_dir``, the node modality pointed at ``node_aet@node_host:node_port``, and the Lua
+    ``work_dir``, the node modality (where the configuration declares one) pointed at
+    ``node_aet@node_host:node_port``, and the Lua
     scripts copied beside it (Orthanc resolves relative ``LuaScripts`` and storage paths
     against the directory of the configuration file). Use as a context manager, or call
     :meth:`start` and :meth:`stop`.
@@ -231,7 +234,8 @@ class OrthancProcess:
         config["DicomPort"] = self.dicom_port
         config["StorageDirectory"] = str(storage)
         config["IndexDirectory"] = str(storage)
-        config["DicomModalities"] = {**config.get("DicomModalities", {}), NODE_MODALITY: node}
+        if NODE_MODALITY in config.get("DicomModalities", {}):  # not in the pull configuration
+            config["DicomModalities"] = {**config["DicomModalities"], NODE_MODALITY: node}
         if stable_age_s is not None:
             config["StableAge"] = stable_age_s
         for script in config.get("LuaScripts", []):

@@ -29,20 +29,27 @@ WARM_UP_NAME = "dicom-node warm-up"
 
 
 def synthetic_series(spec: WarmUpInput) -> list[Dataset]:
-    """Return an axial single-frame series of ``spec``'s shape: an ellipsoid over faint noise.
+    """Return an axial single-frame series of ``spec``'s shape: ``spec.image``, or an ellipsoid over faint noise.
 
-    The values are those of soft tissue in a dark surrounding (CT: stored with intercept
-    -1024), so that analyses find something to segment and their reports have content.
+    The ellipsoid's values are those of soft tissue in a dark surrounding, so that analyses
+    find something to segment and their reports have content. CT is stored with intercept
+    -1024. Slices ascend towards the head, rows run anterior to posterior and columns right
+    to left (ImageOrientationPatient [1, 0, 0, 0, 1, 0]), so ``spec.image`` is read as it is.
     """
     slices, rows, columns = spec.shape
     dz, dy, dx = spec.spacing_mm
-    grid = np.mgrid[0:slices, 0:rows, 0:columns].astype(np.float32)
-    centre = np.array([(slices - 1) / 2, (rows - 1) / 2, (columns - 1) / 2], dtype=np.float32)
-    radius = np.maximum(centre * 0.6, 1.0)
-    inside = sum(((grid[i] - centre[i]) / radius[i]) ** 2 for i in range(3)) <= 1.0
-    rng = np.random.default_rng(0)
-    value = np.where(inside, 1064.0 if spec.modality == "CT" else 600.0, 24.0 if spec.modality == "CT" else 20.0)
-    stored = np.clip(value + rng.normal(0.0, 10.0, spec.shape), 0, 4095).astype("<u2")
+    offset = 1024.0 if spec.modality == "CT" else 0.0
+    if spec.image is not None:
+        value = np.asarray(spec.image, dtype=np.float64) + offset
+    else:
+        grid = np.mgrid[0:slices, 0:rows, 0:columns].astype(np.float32)
+        centre = np.array([(slices - 1) / 2, (rows - 1) / 2, (columns - 1) / 2], dtype=np.float32)
+        radius = np.maximum(centre * 0.6, 1.0)
+        inside = sum(((grid[i] - centre[i]) / radius[i]) ** 2 for i in range(3)) <= 1.0
+        noise = np.random.default_rng(0).normal(0.0, 10.0, spec.shape)
+        value = np.where(inside, 40.0 + offset if spec.modality == "CT" else 600.0,
+                         -1000.0 + offset if spec.modality == "CT" else 20.0) + noise
+    stored = np.clip(value, 0, 4095).astype("<u2")
     study_uid, series_uid, frame_uid = (generate_uid() for _ in range(3))
     sop_class = CTImageStorage if spec.modality == "CT" else MRImageStorage
     datasets = []

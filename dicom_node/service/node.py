@@ -71,14 +71,15 @@ class Node:
                                  Origin.API: ReceiveCounters()}
         self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters)
         self.sources = {name: OrthancSource(name, s) for name, s in config.sources.items()}
-        tracker = StudyTracker(
+        self.tracker = StudyTracker(
             self.ledger, config.grouping, {name: a.rule for name, a in analyses.items()},
             config.selection.default_min_slices, clock=clock,
             sources={s.ae_title: name for name, s in config.sources.items()},
             inventory=lambda source, study_uid: self.sources[source].routed_series(study_uid),
+            on_answer=self.wake,
         )
         self.scheduler = Scheduler(
-            self.ledger, tracker, config.runnable(), config.destinations_for, data_dir / "results",
+            self.ledger, self.tracker, config.runnable(), config.destinations_for, data_dir / "results",
             config.node.ae_title, clock=clock, on_finished=self.metrics.observe_job,
             priors=PriorSources(str(data_dir), config.priors.pacs_url, config.priors.timeout_s)
             if config.priors.enabled else None,
@@ -195,6 +196,7 @@ class Node:
         self.delivery.stop(timeout_s=drain_s)
         if self.api is not None:
             self.api.stop()
+        self.tracker.close()
         self.ledger.close()
         for source in self.sources.values():
             source.close()

@@ -69,11 +69,15 @@ class Ledger(Protocol):
     def complete_study(
         self, study_uid: str, now: float, planned: Sequence[PlannedJob], *,
         instances_seen: int | None = None, expected_instances: int | None = None,
+        keep_receiving: bool = False,
     ) -> list[str]:
         """Mark a study complete and create its jobs; return the new jobs' uids.
 
         ``expected_instances``: how many instances the study's source announced; until the
         study holds more, arriving instances do not open a new generation.
+        ``keep_receiving``: create the jobs but leave the study receiving (the series these
+        jobs need arrived; other needed series are still arriving). A planned job that
+        exists already is not created again.
         """
 
     def create_job(

@@ -266,6 +266,7 @@ class PostgresLedger:
     def complete_study(
         self, study_uid: str, now: float, planned: Sequence[PlannedJob], *,
         instances_seen: int | None = None, expected_instances: int | None = None,
+        keep_receiving: bool = False,
     ) -> list[str]:
         """Mark a study complete and create its jobs in one transaction.
 
@@ -273,8 +274,10 @@ class PostgresLedger:
         jobs once. Jobs and undelivered results of earlier generations are superseded.
         When the study holds more instances than ``instances_seen`` nothing changes.
         ``expected_instances`` is how many instances the study's source announced: until the
-        study holds more, arriving instances belong to this generation. Returns the new
-        jobs' uids.
+        study holds more, arriving instances belong to this generation. With
+        ``keep_receiving`` the jobs are created but the study stays receiving: the series
+        they need arrived while other needed series are still arriving. Returns the new
+        jobs' uids (a planned job that exists already is not created again).
         """
         created = []
         with self.transaction() as db:
@@ -291,11 +294,12 @@ class PostgresLedger:
                 if count is None or count["n"] != instances_seen:
                     return []
             generation = study["generation"]
-            db.execute(
-                "UPDATE studies SET state = 'complete', completed_at = %s, expected_instances = %s"
-                " WHERE study_uid = %s",
-                (now, expected_instances, study_uid),
-            )
+            if not keep_receiving:
+                db.execute(
+                    "UPDATE studies SET state = 'complete', completed_at = %s, expected_instances = %s"
+                    " WHERE study_uid = %s",
+                    (now, expected_instances, study_uid),
+                )
             db.execute(
                 "UPDATE jobs SET state = 'superseded', finished_at = %s,"
                 " reason = 'new instances arrived; a newer analysis replaces this one'"

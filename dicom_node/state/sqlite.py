@@ -242,6 +242,7 @@ class SqliteLedger:
         *,
         instances_seen: int | None = None,
         expected_instances: int | None = None,
+        keep_receiving: bool = False,
     ) -> list[str]:
         """Mark a study complete and create its jobs in one transaction.
 
@@ -249,9 +250,11 @@ class SqliteLedger:
         earlier generations, are superseded. ``instances_seen`` is the number of instances
         the plan was made on: when the study holds more by now, nothing changes.
         ``expected_instances`` is how many instances the study's source announced: until the
-        study holds more, arriving instances belong to this generation. Returns the new
+        study holds more, arriving instances belong to this generation. With
+        ``keep_receiving`` the jobs are created but the study stays receiving: the series
+        they need arrived while other needed series are still arriving. Returns the new
         jobs' uids (empty when the study had meanwhile received more instances or was
-        already complete).
+        already complete; a planned job that exists already is not created again).
         """
         created = []
         with self.transaction() as db:
@@ -267,11 +270,12 @@ class SqliteLedger:
                 if count != instances_seen:
                     return []
             generation = study["generation"]
-            db.execute(
-                "UPDATE studies SET state = 'complete', completed_at = ?, expected_instances = ?"
-                " WHERE study_uid = ?",
-                (now, expected_instances, study_uid),
-            )
+            if not keep_receiving:
+                db.execute(
+                    "UPDATE studies SET state = 'complete', completed_at = ?, expected_instances = ?"
+                    " WHERE study_uid = ?",
+                    (now, expected_instances, study_uid),
+                )
             db.execute(
                 "UPDATE jobs SET state = 'superseded', finished_at = ?,"
                 " reason = 'new instances arrived; a newer analysis replaces this one'"
@@ -285,7 +289,7 @@ class SqliteLedger:
             )
             for job in planned:
                 uid = str(uuid.uuid4())
-                db.execute(
+                inserted = db.execute(
                     "INSERT OR IGNORE INTO jobs (uid, study_uid, analysis, series_uid, generation,"
                     " state, reason, created_at, finished_at, origin)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -295,7 +299,8 @@ class SqliteLedger:
                         Origin.WATCH if study["origin"] == Origin.WATCH else Origin.DICOM,
                     ),
                 )
-                created.append(uid)
+                if inserted.rowcount:
+                    created.append(uid)
         return created
 
     def create_job(

@@ -258,11 +258,16 @@ class BodyCompositionAnalysis:
         self._segmenters: dict[str, Any] = {}
 
     def warm_up_input(self) -> WarmUpInput | None:
-        """No warm-up: a synthetic CT has no spine to find a vertebral level in.
+        """A synthetic abdomen CT with a lumbar spine and iliac wings (:mod:`inference.bodycomp.phantom`).
 
-        The classical path loads no model; with networks, the first job pays their cold start.
+        On the classical path it is analysed like a real CT: levels found, L3 segmented and
+        measured, SEG, SC and SR built, so the first real job pays no import, plotting or
+        report set-up. With networks they run on it too (a network may find no level in a
+        phantom: the warm-up then ends there, logged, and the networks have run once).
         """
-        return None
+        from inference.bodycomp.phantom import SHAPE, SPACING_MM, abdomen_phantom
+
+        return WarmUpInput("CT", SHAPE, SPACING_MM, "warm-up abdomen phantom", image=abdomen_phantom())
 
     def load(self, device: str) -> None:
         """Load the configured networks onto ``device`` (nothing to load on the classical path)."""

@@ -1,4 +1,4 @@
-"""Body composition in the node: a CT study routed by Orthanc comes back with SEG, SC and SR at L3."""
+"""Body composition in the node: a CT study routed by Orthanc comes back with SEG, SC and SR at L3, as fast as a warm job."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ from tests.conftest import SHARED_DATA, sr_content_items
 from tests.factories import series_from_nifti, write_datasets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: The first job after start-up may take this much longer than the next (issue 12: at most 1.5x),
+#: plus an absolute slack for a busy 2-core machine; without a warm-up it pays ~0.9 s of imports,
+#: plotting and report set-up on this CT (measured 2.1 s against 1.25 s).
+RATIO = 1.5
+MARGIN_S = 0.3
+
+
+def model_seconds(timings: dict[str, float]) -> float:
+    """load + infer + report of a job's timings."""
+    return sum(timings[stage] for stage in ("load", "infer", "report"))
 
 
 def test_ct_study_gets_body_composition_results(
@@ -38,6 +49,7 @@ def test_ct_study_gets_body_composition_results(
     )
     try:
         node.start()
+        assert "warmed up body-composition on a synthetic CT series" in node.log_text()
         run_storescu(paths, orthanc.dicom_port, called_aet=orthanc.aet)
 
         def results() -> dict[int, str] | None:
@@ -73,6 +85,18 @@ def test_ct_study_gets_body_composition_results(
         units = {item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
                  for item in sr_content_items(sr.ContentSequence) if item.get("ValueType") == "NUM"}
         assert units == {"cm2", "[hnsf'U]"}
+
+        # a second study of the same CT, sent straight to the node: the first job was no slower
+        again = series_from_nifti(SHARED_DATA / "ct-abdomen" / "example_ct.nii.gz", modality="CT",
+                                  orientation="axial", series_description="Abdomen 3mm", seed=8)
+        run_storescu(write_datasets(again, tmp_path / "ct-again"), node.port, called_aet=node.ae_title)
+        second = wait_until(
+            lambda: next((j for j in node.ledger().job_rows(study_uid=str(again[0].StudyInstanceUID))
+                          if j.analysis == "body-composition" and j.state == "done"), None),
+            deadline_s=120, what="the second body composition job")
+        first_s, warm_s = model_seconds(jobs["body-composition"].timings), model_seconds(second.timings)
+        print(f"body composition load+infer+report: first {first_s:.3f} s, second {warm_s:.3f} s")
+        assert first_s <= RATIO * warm_s + MARGIN_S, (jobs["body-composition"].timings, second.timings)
     finally:
         node.stop()
 

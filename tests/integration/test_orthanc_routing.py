@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 
 from deploy.local.orthanc_process import (
     NODE_MODALITY,
+    PULL_CONFIG,
     SHIPPED_CONFIG,
     OrthancProcess,
     StoreScpProcess,
@@ -207,3 +208,14 @@ def test_shipped_config_is_json_and_names_existing_lua() -> None:
     lua = (SHIPPED_CONFIG.parent / config["LuaScripts"][0]).read_text(encoding="utf-8")
     assert f"local TARGET_MODALITY = '{NODE_MODALITY}'" in lua
     assert "local ROUTED_METADATA = 'AiRouted'" in lua
+
+
+def test_shipped_pull_config_is_the_push_one_without_routing() -> None:
+    push = json.loads(SHIPPED_CONFIG.read_text(encoding="utf-8"))
+    pull = json.loads(PULL_CONFIG.read_text(encoding="utf-8"))
+    # Orthanc does not push: no script, no routing flag, no node to send to; the rest agrees, so
+    # a site switching modes changes nothing else (storage, ports, StableAge, OverwriteInstances)
+    assert pull["LuaScripts"] == [] and pull["DicomModalities"] == {} and "UserMetadata" not in pull
+    differing = {key for key in push.keys() | pull.keys() if push.get(key) != pull.get(key)}
+    assert differing == {"Name", "LuaScripts", "DicomModalities", "UserMetadata"}
+    assert pull["DicomAlwaysAllowStore"] is True  # the node files its results by C-STORE too

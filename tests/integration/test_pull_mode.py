@@ -1,4 +1,4 @@
-"""Pull mode against a real Orthanc: catch up after downtime, fetch only wanted series, never twice."""
+"""Pull mode against a real Orthanc started from the shipped orthanc-pull.json: catch up after downtime, fetch only wanted series, never twice."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from deploy.local.node_process import NodeProcess
-from deploy.local.orthanc_process import OrthancProcess, free_port, run_storescu, wait_until
+from deploy.local.orthanc_process import PULL_CONFIG, OrthancProcess, free_port, run_storescu, wait_until
 from tests.conftest import HIPPO_DICOM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -99,9 +99,9 @@ def test_pull_catches_up_fetches_only_wanted_series_and_never_twice(
     make_orthanc: Callable[..., OrthancProcess], proxy_factory: Callable[[int], RecordingProxy],
     tmp_path: Path,
 ) -> None:
-    # Orthanc set up for pull: no routing script; the node follows its change log
-    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=free_port(),
-                           overrides={"LuaScripts": []})
+    # Orthanc from the shipped pull configuration: no routing script; the node follows its change log
+    orthanc = make_orthanc(config_path=PULL_CONFIG)
+    assert orthanc.config["LuaScripts"] == []
     proxy = proxy_factory(orthanc.http_port)
     node = NodeProcess(
         tmp_path / "node", port=free_port(),
@@ -228,8 +228,7 @@ def test_first_pull_starts_now_or_at_the_beginning_and_wanted_series_only(
     from dicom_node.state.sqlite import SqliteLedger
     from inference.hippocampus.analysis import HippocampusAnalysis
 
-    orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=free_port(),
-                           overrides={"LuaScripts": []})
+    orthanc = make_orthanc(config_path=PULL_CONFIG)
     crop_study, t1_study = generate_uid(), generate_uid()
     run_storescu([copy_series(CROP_SERIES, tmp_path / "crop", crop_study)], orthanc.dicom_port, called_aet=orthanc.aet)
     run_storescu([copy_series(T1POST_SERIES, tmp_path / "t1", t1_study)], orthanc.dicom_port, called_aet=orthanc.aet)

@@ -35,7 +35,6 @@ def test_default_warm_up_input_follows_the_rule() -> None:
         def run(self, volume: object) -> object: ...
 
     assert warm_up_input(RuleOnly()) == WarmUpInput("CT", (40, 32, 32))  # type: ignore[arg-type]
-    assert warm_up_input(BodyCompositionAnalysis()) is None
     with pytest.raises(ValueError, match="shape must be three positive sizes"):
         WarmUpInput("MR", (0, 10, 10))
 
@@ -49,6 +48,23 @@ def test_hippocampus_warm_up_runs_model_and_reports(caplog: pytest.LogCaptureFix
     assert set(timings) == {"load", "infer", "report", "warm_up"}
     assert all(value > 0 for value in timings.values())
     assert "warmed up hippocampus on a synthetic MR series (32, 51, 35)" in caplog.text
+
+
+def test_body_composition_warms_up_on_a_phantom_through_its_real_path(caplog: pytest.LogCaptureFixture) -> None:
+    analysis = BodyCompositionAnalysis()
+    spec = warm_up_input(analysis)
+    assert spec is not None and spec.modality == "CT" and spec.image is not None
+    # the phantom, written as DICOM and read back, has a spine the classical finder names from the pelvis
+    result = analysis.run(load_series(synthetic_series(spec)))
+    assert result.summary["level_anchor"] == "pelvis"
+    level = result.summary["levels"]["L3"]
+    assert set(level["compartments"]) == {"muscle", "subcutaneous_fat", "visceral_fat"}
+    assert all(c["area_cm2"] > 10 for c in level["compartments"].values()), level
+    analysis.load("cpu")
+    with caplog.at_level(logging.INFO, logger="dicom_node.run.warmup"):
+        timings = warm_up(analysis, "body-composition", AnalysisSettings(plugin="body-composition"))
+    assert timings is not None and set(timings) == {"load", "infer", "report", "warm_up"}  # reports built
+    assert "warmed up body-composition on a synthetic CT series (60, 128, 128)" in caplog.text
 
 
 def test_a_warm_up_the_analysis_refuses_is_logged_and_the_worker_goes_on(

@@ -142,6 +142,25 @@ def test_study_is_not_completed_on_a_stale_plan(ledger: Ledger) -> None:
                                  instances_seen=2)
 
 
+def test_jobs_of_arrived_series_are_queued_while_the_study_keeps_receiving(ledger: Ledger) -> None:
+    ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
+    (early,) = ledger.complete_study("1.2", 101.0, [PlannedJob("hippocampus", "1.2.3")], keep_receiving=True)
+    study = ledger.study("1.2")
+    assert study is not None and study.state == "receiving" and study.generation == 1
+    job = ledger.claim_next_job(102.0, ["hippocampus", "t1"])
+    assert job is not None and job.uid == early
+    ledger.record_instance(record("1.2.4.1", 103.0, series="1.2.4"), SERIES)  # same generation
+    # completing with the whole plan creates only the jobs not queued earlier
+    (late,) = ledger.complete_study("1.2", 104.0, [PlannedJob("hippocampus", "1.2.3"), PlannedJob("t1", "1.2.4")],
+                                    expected_instances=2)
+    study = ledger.study("1.2")
+    assert study is not None and study.state == "complete" and study.generation == 1
+    assert {(j.analysis, j.series_uid, j.generation) for j in ledger.job_rows(study_uid="1.2")} == {
+        ("hippocampus", "1.2.3", 1), ("t1", "1.2.4", 1)}
+    job = ledger.claim_next_job(105.0, ["hippocampus", "t1"])
+    assert job is not None and job.uid == late
+
+
 def test_only_idle_studies_are_purged(ledger: Ledger) -> None:
     ledger.record_instance(record("1.2.3.1", 100.0), SERIES)
     assert ledger.studies_to_purge(before=1000.0) == []  # still receiving
