@@ -40,7 +40,15 @@ from dicom_node.state.records import (
     StudyState,
 )
 from dicom_node.state.rows import STUDY_SELECT, job_outcome, job_record, series_info, study_record
-from dicom_node.state.postgres_schema import Connection, connect, newer_message, safe_dsn, schema_version
+from dicom_node.state.postgres_schema import (
+    Connection,
+    connect,
+    newer_message,
+    procrastinate_version,
+    queue_schema_version,
+    safe_dsn,
+    schema_version,
+)
 from dicom_node.state.schema import SCHEMA_VERSION, UPGRADE_COMMAND
 
 logger = logging.getLogger(__name__)
@@ -85,6 +93,7 @@ class PostgresLedger:
         db = connect(dsn, password, connect_timeout_s=connect_timeout_s)
         try:
             version = schema_version(db)
+            queue_version = queue_schema_version(db) if version is not None else None
         finally:
             db.close()
         if version is None:
@@ -97,6 +106,11 @@ class PostgresLedger:
             raise ConfigError(
                 f"state.dsn: {safe_dsn(dsn)} has ledger schema version {version}, this node needs"
                 f" {SCHEMA_VERSION}: run `{UPGRADE_COMMAND}`"
+            )
+        if queue_version != procrastinate_version():
+            raise ConfigError(
+                f"state.dsn: {safe_dsn(dsn)} has the job queue of procrastinate {queue_version or 'unrecorded'},"
+                f" this node has {procrastinate_version()}: run `{UPGRADE_COMMAND}`"
             )
         # A pool rather than a connection per thread: the SCP runs one thread per
         # association. Each connection is checked as it is taken, so after a server restart
