@@ -616,15 +616,27 @@ class PostgresLedger:
                 )
         return uids
 
-    def queue_depths(self) -> dict[str, dict[str, int]]:
-        """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
+    def queue_depths(self, stalled_after_s: float) -> dict[str, dict[str, int]]:
+        """Return, per queue, jobs waiting, running, stalled, retrying and dead (:func:`queue.queue_depths`)."""
         with self._connection() as db:
-            return queue.queue_depths(db)
+            return queue.queue_depths(db, stalled_after_s)
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Return the registered queue workers: id, seconds since heartbeat, current job and queue."""
+    def workers(self, stalled_after_s: float) -> list[dict[str, Any]]:
+        """Return the registered queue workers: who, heartbeat, current job (:func:`queue.workers`)."""
         with self._connection() as db:
-            return queue.workers(db)
+            return queue.workers(db, stalled_after_s)
+
+    def register_worker(self, worker_id: int, *, host: str, device: str, analyses: Sequence[str],
+                        pid: int, now: float) -> None:
+        """Record the identity of procrastinate's worker ``worker_id`` (:func:`queue.register_worker`)."""
+        with self.transaction() as db:
+            queue.register_worker(db, worker_id, host=host, device=device, analyses=analyses,
+                                  pid=pid, now=now)
+
+    def forget_workers(self, silent_for_s: float) -> list[int]:
+        """Remove the workers silent for ``silent_for_s``, with their identities; return their ids."""
+        with self.transaction() as db:
+            return queue.forget_workers(db, silent_for_s)
 
     # -- deliveries ------------------------------------------------------------------
 
