@@ -431,12 +431,14 @@ class QueueSettings(_Frozen):
     ``recover_interval_s`` for jobs whose worker sent none for ``stalled_after_s`` (killed,
     host gone) and queues them again. On SIGTERM a worker lets its current job finish for up
     to ``stop_grace_s``. ``serve_runs_analyses`` makes ``serve`` start a worker on its own
-    host (device ``workers.device``).
+    host (device ``workers.device``). Workers silent for ``forget_workers_after_s`` (hosts
+    gone long ago) are removed from the fleet.
     """
 
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
     stalled_after_s: Annotated[float, Field(gt=0)] = 30.0
     recover_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    forget_workers_after_s: Annotated[float, Field(gt=0)] = 86400.0
     stop_grace_s: Annotated[float, Field(ge=0)] = 600.0
     serve_runs_analyses: bool = False
     #: How workers get a job's instances: "http" from the receiving node's API (``receiver_url``,
@@ -463,6 +465,9 @@ class QueueSettings(_Frozen):
         if self.stalled_after_s < 2 * self.heartbeat_s:
             raise ValueError("stalled_after_s must be at least twice heartbeat_s, or live workers"
                              " would look stalled")
+        if self.forget_workers_after_s < self.stalled_after_s:
+            raise ValueError("forget_workers_after_s must be at least stalled_after_s: a worker is"
+                             " forgotten only after its jobs were queued again")
         return self
 
 

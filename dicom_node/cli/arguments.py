@@ -30,6 +30,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         overrides["node"]["port"] = args.port
     if args.data_dir is not None:
         overrides["node"]["data_dir"] = str(args.data_dir)
+    if getattr(args, "run_analyses", False):
+        overrides["queue"] = {"serve_runs_analyses": True}
     for text in args.destination:
         name, table = parse_destination(text)
         overrides.setdefault("destinations", {})[name] = table

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from dicom_node.cli.arguments import config_from_args
+from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.service.jobs import fleet_of, retry_job
 from dicom_node.state.ledger import LEDGER_FILE, Ledger, open_ledger, upgrade_ledger
 from dicom_node.state.queue import job_queues
 
 
-def _ledger(args: argparse.Namespace) -> Ledger:
-    config = config_from_args(args)
+def _ledger(config: NodeConfig) -> Ledger:
     path = config.node.data_dir / LEDGER_FILE
     if config.state.backend == "sqlite" and not path.exists():
         raise ConfigError(f"no ledger at {path}: has the node run with this data directory?")
@@ -40,18 +41,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the recent studies and jobs, with measurements, failure reasons and deliveries."""
-    ledger = _ledger(args)
+    """Print the fleet (scaled out), then the recent studies and jobs, with measurements, failure reasons and deliveries."""
+    config = config_from_args(args)
+    ledger = _ledger(config)
     try:
-        return _print_status(ledger, args)
+        return _print_status(ledger, args, config.queue.stalled_after_s)
     finally:
         ledger.close()
 
 
-def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
+def _print_status(ledger: Ledger, args: argparse.Namespace, stalled_after_s: float) -> int:
     studies = ledger.study_rows(limit=args.limit)
     jobs = ledger.job_rows(limit=args.limit)
-    fleet = fleet_of(ledger)
+    fleet = fleet_of(ledger, stalled_after_s)
     if args.json:
         shown = {"counts": ledger.counts().to_json(), "studies": [s.to_json() for s in studies],
                  "jobs": [j.to_json() for j in jobs]}
@@ -60,15 +62,7 @@ def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2))
         return 0
     if fleet is not None:
-        print("Queues (waiting / running)")
-        for name, depth in sorted(fleet["queues"].items()):
-            print(f"  {name:<32} {depth['todo']:>4} / {depth['doing']}")
-        if not fleet["queues"]:
-            print("  (empty)")
-        print(f"Workers ({len(fleet['workers'])})")
-        for worker in fleet["workers"]:
-            doing = f"job {worker['job_uid']} ({worker['queue']})" if worker["job_uid"] else "idle"
-            print(f"  worker {worker['id']}  heartbeat {worker['heartbeat_age_s']:.0f} s ago  {doing}")
+        _print_fleet(fleet)
     low = ledger.counts().low_confidence
     if low:
         print(f"Low-confidence results: {low} (flagged by their analysis; check them before use)")
@@ -101,9 +95,29 @@ def _print_status(ledger: Ledger, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_fleet(fleet: dict[str, Any]) -> None:
+    print("Queues (waiting / running / stalled / retrying / dead)")
+    for name, depth in sorted(fleet["queues"].items()):
+        print(f"  {name:<32} {depth['todo']:>4} / {depth['doing']} / {depth['stalled']}"
+              f" / {depth['retrying']} / {depth['dead']}")
+    if not fleet["queues"]:
+        print("  (empty)")
+    print(f"Workers ({len(fleet['workers'])})")
+    for worker in fleet["workers"]:
+        who = (f"{worker['host']} {worker['device']} pid {worker['pid']}" if worker["host"]
+               else "(identity not recorded yet)")
+        doing = (f"job {worker['job_uid']}: {worker['analysis']} of study {worker['study_uid']}"
+                 f" ({worker['queue']})" if worker["job_uid"] else "idle")
+        silent = "  SILENT" if worker["silent"] else ""
+        print(f"  worker {worker['id']}  {who}  heartbeat {worker['heartbeat_age_s']:.0f} s ago{silent}"
+              f"  {doing}")
+        if worker["analyses"]:
+            print(f"      analyses: {', '.join(worker['analyses'])}")
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Re-queue one job (and its dead-lettered deliveries), or every dead-lettered delivery."""
-    ledger = _ledger(args)
+    ledger = _ledger(config_from_args(args))
     try:
         return _retry(ledger, args)
     finally:

@@ -332,6 +332,10 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
 
     p = sub.add_parser("serve", help="run the node: receive, analyse, send")
     add_config_arguments(p)
+    p.add_argument("--run-analyses", action="store_true",
+                   help="scaled out (state.backend = postgresql): also run analyses on this host,"
+                        " one worker per device of workers.device (queue.serve_runs_analyses);"
+                        " on one box the node always runs them")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="take jobs from the PostgreSQL queue and run them on one device")

@@ -101,7 +101,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def create_app(
     jobs: JobService, settings: ApiSettings, *, ae_title: str,
     live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes], jobs_root: Path,
-    results_dir: Path | None = None,
+    results_dir: Path | None = None, stalled_after_s: float = 30.0,
 ) -> FastAPI:
     """Build the FastAPI application.
 
@@ -122,6 +122,8 @@ def create_app(
     results_dir
         Scaled out: serve the transfer routes for worker hosts
         (:mod:`dicom_node.service.transfer`), uploads going here. They need ``api.token``.
+    stalled_after_s
+        ``queue.stalled_after_s``, for the fleet view of ``/fleet``.
     """
     app = FastAPI(title="dicom-node", version=__version__,
                   description="Jobs, studies, health and metrics of a dicom-node. Changing calls need "
@@ -229,7 +231,7 @@ def create_app(
     @app.get("/fleet")
     def fleet() -> dict[str, Any]:
         """Scaled out: jobs per queue and the registered workers; on one box ``mode`` is ``single``."""
-        view = fleet_of(jobs.ledger)
+        view = fleet_of(jobs.ledger, stalled_after_s)
         if view is None:
             return {"mode": "single", "queues": {}, "workers": []}
         return {"mode": "queue", **view}

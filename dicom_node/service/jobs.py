@@ -175,17 +175,26 @@ class JobService:
         return self.ledger.counts()
 
 
-def fleet_of(ledger: Ledger) -> dict[str, Any] | None:
+def fleet_of(ledger: Ledger, stalled_after_s: float) -> dict[str, Any] | None:
     """The job queue's view in the scaled-out mode, or ``None`` on one box.
+
+    Parameters
+    ----------
+    ledger
+        The node's ledger; only the PostgreSQL one with its job queue has a fleet.
+    stalled_after_s
+        ``queue.stalled_after_s``: a worker silent this long is stalled, and so is its job.
 
     Returns
     -------
     dict or None
-        ``queues``: per queue, jobs waiting (``todo``) and running (``doing``); ``workers``:
-        each registered worker's id, seconds since its heartbeat, current job and queue.
+        ``queues``: per queue, jobs waiting (``todo``), running (``doing``), ``stalled``,
+        ``retrying`` and ``dead``; ``workers``: each registered worker's id, host, device,
+        analyses, pid, seconds since its heartbeat and current job (study, analysis, queue).
     """
     depths = getattr(ledger, "queue_depths", None)
     workers = getattr(ledger, "workers", None)
     if depths is None or workers is None:
         return None
-    return {"queues": depths(), "workers": workers()}
+    return {"queues": depths(stalled_after_s), "workers": workers(stalled_after_s),
+            "stalled_after_s": stalled_after_s}

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dicom_node.receive.scp import ReceiveCounters
+from dicom_node.service.jobs import fleet_of
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import STAGES, DeliveryState, JobRecord, JobState, Origin, StudyRecord, StudyState
 
@@ -23,9 +24,11 @@ BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 class _LedgerCollector(Collector):
     """Queue depths and ingress counts read at scrape time, so they survive restarts."""
 
-    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]]) -> None:
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]],
+                 stalled_after_s: float) -> None:
         self.ledger = ledger
         self.receive_counters = receive_counters
+        self.stalled_after_s = stalled_after_s
 
     def collect(self) -> Iterator[Metric]:
         counts = self.ledger.counts()
@@ -42,7 +45,7 @@ class _LedgerCollector(Collector):
         depth.add_metric(["deliveries"], counts.deliveries.get(DeliveryState.PENDING, 0))
         depth.add_metric(["studies_receiving"], counts.studies.get(StudyState.RECEIVING, 0))
         yield depth
-        yield from _fleet_metrics(self.ledger)
+        yield from _fleet_metrics(self.ledger, self.stalled_after_s)
         yield GaugeMetricFamily("dicom_node_results_low_confidence",
                                 "Finished jobs whose analysis flagged its result as low confidence",
                                 value=counts.low_confidence)
@@ -69,25 +72,31 @@ class _LedgerCollector(Collector):
         yield refused
 
 
-def _fleet_metrics(ledger: Ledger) -> Iterator[Metric]:
+def _fleet_metrics(ledger: Ledger, stalled_after_s: float) -> Iterator[Metric]:
     """The job queue of the scaled-out mode: jobs per queue and status, workers and heartbeats."""
-    depths = getattr(ledger, "queue_depths", None)
-    workers = getattr(ledger, "workers", None)
-    if depths is None or workers is None:
+    fleet = fleet_of(ledger, stalled_after_s)
+    if fleet is None:
         return
-    queued = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs in the job queue, by queue and status",
-                               labels=["queue", "status"])
-    for name, depth in sorted(depths().items()):
+    queued = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs in the job queue, by queue and status"
+                               " (todo, doing, stalled, retrying, dead)", labels=["queue", "status"])
+    for name, depth in sorted(fleet["queues"].items()):
         for status, count in sorted(depth.items()):
             queued.add_metric([name, status], count)
     yield queued
-    registered = workers()
+    registered = fleet["workers"]
     yield GaugeMetricFamily("dicom_node_workers", "Registered queue workers", value=len(registered))
+    labels = ["worker", "host", "device", "pid"]
     age = GaugeMetricFamily("dicom_node_worker_heartbeat_age_seconds",
-                            "Seconds since each worker's last heartbeat", labels=["worker"])
+                            "Seconds since each worker's last heartbeat", labels=labels)
+    busy = GaugeMetricFamily("dicom_node_worker_busy", "1 while a worker runs a job, else 0",
+                             labels=[*labels, "analysis"])
     for worker in registered:
-        age.add_metric([str(worker["id"])], worker["heartbeat_age_s"])
+        values = [str(worker["id"]), worker["host"] or "", worker["device"] or "",
+                  "" if worker["pid"] is None else str(worker["pid"])]
+        age.add_metric(values, worker["heartbeat_age_s"])
+        busy.add_metric([*values, worker["analysis"] or ""], 1 if worker["job_uid"] else 0)
     yield age
+    yield busy
 
 
 class NodeMetrics:
@@ -99,9 +108,12 @@ class NodeMetrics:
         Read at scrape time for queue depths and job states.
     receive_counters
         Returns ``{origin: ReceiveCounters}`` for every way instances come in.
+    stalled_after_s
+        Scaled out: ``queue.stalled_after_s``, when a silent worker's job counts as stalled.
     """
 
-    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]]) -> None:
+    def __init__(self, ledger: Ledger, receive_counters: Callable[[], Mapping[Origin, ReceiveCounters]],
+                 *, stalled_after_s: float = 30.0) -> None:
         self.registry = CollectorRegistry()
         self.stage_seconds = Histogram(
             "dicom_node_stage_seconds", "Duration of each stage of a job", ["stage"],
@@ -111,7 +123,7 @@ class NodeMetrics:
             "dicom_node_jobs_finished", "Jobs finished since start, by analysis and outcome",
             ["analysis", "outcome"], registry=self.registry,
         )
-        self.registry.register(_LedgerCollector(ledger, receive_counters))
+        self.registry.register(_LedgerCollector(ledger, receive_counters, stalled_after_s))
 
     def observe_job(self, job: JobRecord, study: StudyRecord | None, outcome: str) -> None:
         """Record a finished job's stage timings (as in its log line) and outcome."""

@@ -69,7 +69,8 @@ class Node:
                               on_stored=lambda _: self._wake.set())
         self.receive_counters = {Origin.DICOM: self.scp.counters, Origin.WATCH: ReceiveCounters(),
                                  Origin.API: ReceiveCounters()}
-        self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters)
+        self.metrics = NodeMetrics(self.ledger, lambda: self.receive_counters,
+                                   stalled_after_s=config.queue.stalled_after_s)
         self.sources = {name: OrthancSource(name, s) for name, s in config.sources.items()}
         self.tracker = StudyTracker(
             self.ledger, config.grouping, {name: a.rule for name, a in analyses.items()},
@@ -134,7 +135,7 @@ class Node:
             jobs_root.mkdir(parents=True, exist_ok=True)
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
                              live_figures=self._live_figures, render_metrics=self.metrics.render,
-                             jobs_root=jobs_root,
+                             jobs_root=jobs_root, stalled_after_s=self.config.queue.stalled_after_s,
                              results_dir=self.config.node.data_dir / "results" if self.queued else None)
             self.api = ApiServer(app, self.config.api, self.config.node.tls)
             host, port = self.api.start()
@@ -231,6 +232,15 @@ class Node:
             return []
         for uid in uids:
             logger.warning("job %s: its worker stopped sending heartbeats; queued again", uid)
+        try:
+            forget = getattr(self.ledger, "forget_workers")  # with recover_stalled: the queue's ledger
+            forgotten: list[int] = forget(self.config.queue.forget_workers_after_s)
+        except LedgerUnavailable as exc:
+            logger.warning("removing long-silent workers failed: %s", exc)
+            return uids
+        if forgotten:
+            logger.info("removed worker(s) %s from the fleet: silent for %.0f s", forgotten,
+                        self.config.queue.forget_workers_after_s)
         return uids
 
     def purge_expired(self) -> int:

@@ -10,6 +10,7 @@ receiving node delivers the results.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -144,6 +145,17 @@ class QueueWorker:
         files = self.receiver.upload_results(completion.spec.job_uid, completion.outcome.files)
         return replace(completion, outcome=replace(completion.outcome, files=files))
 
+    def _register(self, worker_id: int) -> None:
+        """Record who procrastinate's worker ``worker_id`` is, for the fleet view."""
+        try:
+            self.ledger.register_worker(worker_id, host=socket.gethostname(), device=self.device,
+                                        analyses=sorted(self.pool.analyses), pid=os.getpid(),
+                                        now=self.clock())
+        except LedgerUnavailable as exc:  # the fleet view shows it without host and device
+            logger.warning("worker %s: its identity could not be recorded: %s", self.name, exc)
+            return
+        logger.info("worker %s registered as queue worker %d", self.name, worker_id)
+
     def serve(self) -> None:
         """Load the models, then take jobs until SIGTERM or SIGINT; finish the current job first.
 
@@ -153,6 +165,7 @@ class QueueWorker:
             If the worker process does not load its models within ten minutes.
         """
         import procrastinate
+        from procrastinate.worker import Worker
 
         if not self.pool.wait_ready(600.0):
             self.pool.close()
@@ -171,15 +184,27 @@ class QueueWorker:
                                             retry_exceptions={LedgerUnavailable, ReceiverUnavailable})
         app.task(name=queue.TASK_NAME, pass_context=False, retry=retry)(self.run_job)
         settings = self.config.queue
-        logger.info("worker %s ready; taking jobs from %s", self.name, ", ".join(self.queues))
-        try:
-            app.run_worker(
-                queues=self.queues, concurrency=1, wait=True, name=self.name,
+
+        async def work() -> None:
+            # App.run_worker's steps, kept open to learn the worker id procrastinate assigns
+            worker = Worker(
+                app=app, queues=self.queues, concurrency=1, wait=True, name=self.name,
                 install_signal_handlers=True, shutdown_graceful_timeout=settings.stop_grace_s,
                 update_heartbeat_interval=settings.heartbeat_s,
                 stalled_worker_timeout=settings.stalled_after_s,
                 fetch_job_polling_interval=1.0,
             )
+            async with app.open_async():
+                running = asyncio.create_task(worker.run())  # type: ignore[no-untyped-call]  # procrastinate leaves it unannotated
+                while worker.worker_id is None and not running.done():  # registering
+                    await asyncio.sleep(0.05)
+                if worker.worker_id is not None:
+                    await asyncio.to_thread(self._register, worker.worker_id)
+                    logger.info("worker %s ready; taking jobs from %s", self.name, ", ".join(self.queues))
+                await running
+
+        try:
+            asyncio.run(work())
         finally:
             self.pool.close()
             self.ledger.close()

@@ -40,7 +40,15 @@ from dicom_node.state.records import (
     StudyState,
 )
 from dicom_node.state.rows import STUDY_SELECT, job_outcome, job_record, series_info, study_record
-from dicom_node.state.postgres_schema import Connection, connect, newer_message, safe_dsn, schema_version
+from dicom_node.state.postgres_schema import (
+    Connection,
+    connect,
+    newer_message,
+    procrastinate_version,
+    queue_schema_version,
+    safe_dsn,
+    schema_version,
+)
 from dicom_node.state.schema import SCHEMA_VERSION, UPGRADE_COMMAND
 
 logger = logging.getLogger(__name__)
@@ -85,6 +93,7 @@ class PostgresLedger:
         db = connect(dsn, password, connect_timeout_s=connect_timeout_s)
         try:
             version = schema_version(db)
+            queue_version = queue_schema_version(db) if version is not None else None
         finally:
             db.close()
         if version is None:
@@ -97,6 +106,11 @@ class PostgresLedger:
             raise ConfigError(
                 f"state.dsn: {safe_dsn(dsn)} has ledger schema version {version}, this node needs"
                 f" {SCHEMA_VERSION}: run `{UPGRADE_COMMAND}`"
+            )
+        if queue_version != procrastinate_version():
+            raise ConfigError(
+                f"state.dsn: {safe_dsn(dsn)} has the job queue of procrastinate {queue_version or 'unrecorded'},"
+                f" this node has {procrastinate_version()}: run `{UPGRADE_COMMAND}`"
             )
         # A pool rather than a connection per thread: the SCP runs one thread per
         # association. Each connection is checked as it is taken, so after a server restart
@@ -606,15 +620,27 @@ class PostgresLedger:
                 )
         return uids
 
-    def queue_depths(self) -> dict[str, dict[str, int]]:
-        """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
+    def queue_depths(self, stalled_after_s: float) -> dict[str, dict[str, int]]:
+        """Return, per queue, jobs waiting, running, stalled, retrying and dead (:func:`queue.queue_depths`)."""
         with self._connection() as db:
-            return queue.queue_depths(db)
+            return queue.queue_depths(db, stalled_after_s)
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Return the registered queue workers: id, seconds since heartbeat, current job and queue."""
+    def workers(self, stalled_after_s: float) -> list[dict[str, Any]]:
+        """Return the registered queue workers: who, heartbeat, current job (:func:`queue.workers`)."""
         with self._connection() as db:
-            return queue.workers(db)
+            return queue.workers(db, stalled_after_s)
+
+    def register_worker(self, worker_id: int, *, host: str, device: str, analyses: Sequence[str],
+                        pid: int, now: float) -> None:
+        """Record the identity of procrastinate's worker ``worker_id`` (:func:`queue.register_worker`)."""
+        with self.transaction() as db:
+            queue.register_worker(db, worker_id, host=host, device=device, analyses=analyses,
+                                  pid=pid, now=now)
+
+    def forget_workers(self, silent_for_s: float) -> list[int]:
+        """Remove the workers silent for ``silent_for_s``, with their identities; return their ids."""
+        with self.transaction() as db:
+            return queue.forget_workers(db, silent_for_s)
 
     # -- deliveries ------------------------------------------------------------------
 

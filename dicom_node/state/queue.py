@@ -125,31 +125,95 @@ def requeue_stalled(db: psycopg.Connection[Any], stalled_after_s: float) -> list
     return requeued
 
 
-def queue_depths(db: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
-    """Return, per queue, how many jobs wait (``todo``) and run (``doing``)."""
-    rows = db.execute(
-        "SELECT queue_name, status::text AS status, count(*) AS n FROM procrastinate_jobs"
-        " WHERE task_name = %s AND status IN ('todo', 'doing') GROUP BY queue_name, status",
-        (TASK_NAME,),
-    ).fetchall()
+#: Per queue: jobs waiting, running, running on a silent worker (stalled), waiting again after
+#: a failed attempt (retrying), and given up by the queue while the ledger still has them
+#: queued or running, with no other entry waiting or running (dead).
+QUEUE_DEPTHS = """
+SELECT job.queue_name,
+       count(*) FILTER (WHERE job.status = 'todo') AS todo,
+       count(*) FILTER (WHERE job.status = 'doing') AS doing,
+       count(*) FILTER (WHERE job.status = 'doing' AND (worker.id IS NULL
+           OR worker.last_heartbeat < now() - make_interval(secs => %(after_s)s))) AS stalled,
+       count(*) FILTER (WHERE job.status = 'todo' AND job.attempts > 0) AS retrying,
+       count(*) FILTER (WHERE job.status = 'failed' AND ledger.state IN ('queued', 'running')
+           AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs other
+                            WHERE other.queueing_lock = job.queueing_lock
+                              AND other.status IN ('todo', 'doing'))) AS dead
+  FROM procrastinate_jobs job
+  LEFT JOIN procrastinate_workers worker ON worker.id = job.worker_id
+  LEFT JOIN jobs ledger ON ledger.uid = job.queueing_lock
+ WHERE job.task_name = %(task)s AND job.status IN ('todo', 'doing', 'failed')
+ GROUP BY job.queue_name
+"""
+
+DEPTH_KEYS = ("todo", "doing", "stalled", "retrying", "dead")
+
+
+def queue_depths(db: psycopg.Connection[Any], stalled_after_s: float) -> dict[str, dict[str, int]]:
+    """Return, per queue with any, jobs waiting, running, stalled, retrying and dead (:data:`QUEUE_DEPTHS`)."""
+    rows = db.execute(QUEUE_DEPTHS, {"task": TASK_NAME, "after_s": stalled_after_s}).fetchall()
     depths: dict[str, dict[str, int]] = {}
     for row in rows:
-        name, status, count = (row["queue_name"], row["status"], row["n"]) if isinstance(row, dict) else row
-        depths.setdefault(name, {"todo": 0, "doing": 0})[status] = int(count)
+        counts = {key: int(row[key]) for key in DEPTH_KEYS}
+        if any(counts.values()):
+            depths[str(row["queue_name"])] = counts
     return depths
 
 
-def workers(db: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    """Return every registered worker: its id, seconds since its heartbeat, its current job."""
+def register_worker(db: psycopg.Connection[Any], worker_id: int, *, host: str, device: str,
+                    analyses: Iterable[str], pid: int, now: float) -> None:
+    """Record who procrastinate's worker ``worker_id`` is: host, device, analyses served, pid.
+
+    The row goes when procrastinate's goes (the worker stops, or :func:`forget_workers`).
+    """
+    db.execute(
+        "INSERT INTO fleet_workers (worker_id, host, device, analyses, pid, started_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET host = EXCLUDED.host,"
+        " device = EXCLUDED.device, analyses = EXCLUDED.analyses, pid = EXCLUDED.pid,"
+        " started_at = EXCLUDED.started_at",
+        (worker_id, host, device, json.dumps(sorted(analyses)), pid, now),
+    )
+
+
+def forget_workers(db: psycopg.Connection[Any], silent_for_s: float) -> list[int]:
+    """Remove the workers silent for ``silent_for_s`` (gone long ago); return their ids.
+
+    procrastinate's own pruning (what a starting worker does with its stalled ones); their
+    identities in ``fleet_workers`` go with them, and jobs they held keep no worker (which
+    :data:`STALLED_JOBS` counts as stalled).
+    """
+    rows = db.execute("SELECT worker_id FROM procrastinate_prune_stalled_workers_v1(%s)",
+                      (silent_for_s,)).fetchall()
+    return sorted(int(row["worker_id"]) for row in rows)
+
+
+def workers(db: psycopg.Connection[Any], stalled_after_s: float) -> list[dict[str, Any]]:
+    """Return every registered worker: who it is, its heartbeat, its current job.
+
+    Each: ``id`` (procrastinate's), ``host``, ``device``, ``analyses``, ``pid``,
+    ``started_at`` (``None`` until the worker recorded them), ``heartbeat_age_s``,
+    ``silent`` (no heartbeat for ``stalled_after_s``), and ``job_uid``, ``study_uid``,
+    ``analysis``, ``queue`` of the job it runs (``None`` when idle).
+    """
     rows = db.execute(
         "SELECT w.id, extract(epoch FROM now() - w.last_heartbeat) AS heartbeat_age_s,"
-        " j.queueing_lock AS job_uid, j.queue_name FROM procrastinate_workers w"
+        " f.host, f.device, f.analyses, f.pid, f.started_at,"
+        " j.queueing_lock AS job_uid, j.queue_name, l.study_uid, l.analysis"
+        " FROM procrastinate_workers w"
+        " LEFT JOIN fleet_workers f ON f.worker_id = w.id"
         " LEFT JOIN procrastinate_jobs j ON j.worker_id = w.id AND j.status = 'doing'"
-        "  AND j.task_name = %s ORDER BY w.id",
+        "  AND j.task_name = %s"
+        " LEFT JOIN jobs l ON l.uid = j.queueing_lock ORDER BY w.id",
         (TASK_NAME,),
     ).fetchall()
-    return [
-        {"id": int(row["id"]), "heartbeat_age_s": round(float(row["heartbeat_age_s"]), 1),
-         "job_uid": row["job_uid"], "queue": row["queue_name"]}
-        for row in rows
-    ]
+    shown = []
+    for row in rows:
+        age = round(float(row["heartbeat_age_s"]), 1)
+        shown.append({
+            "id": int(row["id"]), "host": row["host"], "device": row["device"],
+            "analyses": json.loads(row["analyses"]) if row["analyses"] is not None else [],
+            "pid": row["pid"], "started_at": row["started_at"], "heartbeat_age_s": age,
+            "silent": age > stalled_after_s, "job_uid": row["job_uid"],
+            "study_uid": row["study_uid"], "analysis": row["analysis"], "queue": row["queue_name"],
+        })
+    return shown

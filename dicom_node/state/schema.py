@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -183,6 +183,14 @@ CREATE TABLE IF NOT EXISTS source_cursors (
     last_change BIGINT NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fleet_workers (
+    worker_id BIGINT PRIMARY KEY REFERENCES procrastinate_workers (id) ON DELETE CASCADE,
+    host TEXT NOT NULL,
+    device TEXT NOT NULL,
+    analyses TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL
+);
 """
 
 #: The oldest schema version a PostgreSQL ledger can have.
@@ -193,6 +201,7 @@ POSTGRES_MIGRATIONS = {
     5: "ALTER TABLE instances ADD COLUMN IF NOT EXISTS sha256 TEXT NOT NULL DEFAULT ''",
     6: "ALTER TABLE studies ADD COLUMN IF NOT EXISTS expected_instances INTEGER",
     # 7: the table source_cursors, created by POSTGRES_SCHEMA
+    # 8: the table fleet_workers (who each queue worker is), created by POSTGRES_SCHEMA
 }
 
 #: What an admin runs when the ledger's schema is missing or older than this node's.
@@ -202,6 +211,7 @@ UPGRADE_COMMAND = "dicom-node db upgrade --config node.toml"
 def migrate(db: sqlite3.Connection) -> None:
     """Bring a ledger of an earlier schema up to date, keeping every row.
 
+    Version 8 changes nothing in SQLite (it adds the PostgreSQL queue's fleet_workers).
     Version 7 adds the table source_cursors (created by SCHEMA on any ledger). Version 6 adds
     studies.expected_instances. Version 5 adds instances.sha256. Version 4 adds studies.purged_at. Version 3 adds series.convolution_kernel. Version 2 adds studies.origin, jobs.options and jobs.cancel_requested, and turns the
     jobs' table-level UNIQUE into a partial index that API jobs are exempt from; a table

@@ -144,12 +144,17 @@ function renderFleet(fleet) {
   if (section.hidden) return;
   const queues = Object.entries(fleet.queues).sort();
   document.querySelector("#queues tbody").replaceChildren(...(queues.length ? queues.map(([name, d]) => el("tr", {},
-    el("td", {}, name), el("td", {}, d.todo), el("td", {}, d.doing)))
-    : [el("tr", {}, el("td", { colspan: 3, class: "empty" }, "No job waiting or running."))]));
+    el("td", {}, name), el("td", {}, d.todo), el("td", {}, d.doing), el("td", {}, d.stalled),
+    el("td", {}, d.retrying), el("td", {}, d.dead)))
+    : [el("tr", {}, el("td", { colspan: 6, class: "empty" }, "No job waiting or running."))]));
   document.querySelector("#workers tbody").replaceChildren(...(fleet.workers.length ? fleet.workers.map((w) => el("tr", {},
-    el("td", {}, w.id), el("td", {}, `${Math.round(w.heartbeat_age_s)} s ago`),
-    el("td", {}, w.job_uid ? el("span", { class: "uid" }, w.job_uid) : "idle"), el("td", {}, w.queue || "")))
-    : [el("tr", {}, el("td", { colspan: 4, class: "empty" }, "No worker registered."))]));
+    el("td", {}, w.id), el("td", {}, w.host || "not recorded"), el("td", {}, w.device || ""),
+    el("td", {}, (w.analyses || []).join(", ")), el("td", {}, w.pid ?? ""),
+    el("td", {}, w.silent ? el("span", { class: "badge failed" }, `${Math.round(w.heartbeat_age_s)} s ago (silent)`)
+      : `${Math.round(w.heartbeat_age_s)} s ago`),
+    el("td", {}, w.job_uid ? [el("span", { class: "uid", title: w.job_uid }, w.study_uid || w.job_uid), ` ${w.analysis || ""}`] : "idle"),
+    el("td", {}, w.queue || "")))
+    : [el("tr", {}, el("td", { colspan: 8, class: "empty" }, "No worker registered."))]));
 }
 
 async function refresh() {

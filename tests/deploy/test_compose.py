@@ -46,12 +46,21 @@ def test_compose_file_is_valid_against_the_compose_specification(path: Path) -> 
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def single_box(compose: Any) -> dict[str, Any]:
+    """The services `docker compose up` starts without a profile."""
+    return {name: service for name, service in compose["services"].items() if not service.get("profiles")}
+
+
 def test_every_service_restarts_checks_its_health_and_pins_its_image() -> None:
     compose = load_yaml(COMPOSE)
-    assert set(compose["services"]) == {"orthanc", "node", "ohif"}
-    for name, service in compose["services"].items():
+    default = single_box(compose)
+    assert set(default) == {"orthanc", "node", "ohif"}  # the single box, nothing else to run
+    for name, service in default.items():
         assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
         assert service["healthcheck"]["test"][0] == "CMD", name
+        assert "secrets" not in service, f"{name}: the single box reads no secret file"
+        assert set(service.get("depends_on", {})) <= set(default), f"{name} waits for a profiled service"
+    for name, service in compose["services"].items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
     for name, service in compose["services"].items():
@@ -194,9 +203,17 @@ def test_systemd_unit_runs_the_node_unprivileged_with_nodelay() -> None:
 def test_scale_out_adds_postgres_and_scalable_workers_sharing_no_volume_with_the_node() -> None:
     from dicom_node.config import load_config
 
-    compose = load_yaml(COMPOSE_SCALE_OUT)
+    compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert {"postgres", "db-upgrade", "node", "worker", "worker-gpu"} <= set(services)
+    profiles = {name: service.get("profiles") for name, service in services.items()}
+    assert {name: profiles[name] for name in ("postgres", "db-upgrade", "worker", "worker-gpu")} == {
+        "postgres": ["scale-out"], "db-upgrade": ["scale-out"], "worker": ["scale-out"], "worker-gpu": ["gpu"]}
+    override = load_yaml(COMPOSE_SCALE_OUT)
+    assert set(override["services"]) == {"node"}  # the override only re-points the receiving node
+    node = override["services"]["node"]
+    assert node["depends_on"]["db-upgrade"]["condition"] == "service_completed_successfully"
+    assert set(node["secrets"]) == {"db-password", "api-token"}
+    services = {**services, "node": node}
     postgres = services["postgres"]
     assert postgres["image"].startswith("postgres:15.") and postgres["healthcheck"]["test"][1] == "pg_isready"
     assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/db-password"

@@ -152,6 +152,8 @@ def test_http_instances_need_a_receiver_url() -> None:
     assert queue.receiver_url == "https://node:8080"
     with pytest.raises(ConfigError, match=r"queue: stalled_after_s must be at least twice heartbeat_s"):
         build_config({"queue": {"heartbeat_s": 20, "stalled_after_s": 30}})
+    with pytest.raises(ConfigError, match=r"queue: forget_workers_after_s must be at least stalled_after_s"):
+        build_config({"queue": {"forget_workers_after_s": 20}})
     with pytest.raises(ConfigError, match=r"analyses.hippocampus.devices: name at least one device class: 'cuda', 'cpu' or both"):
         build_config({"analyses": {"hippocampus": {"plugin": "hippocampus", "devices": []}}})
 def test_a_source_validates_with_errors_naming_the_key(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import urllib.request
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pydicom.uid import generate_uid
 from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storescu, wait_until
 from deploy.local.worker_process import WorkerProcess
+from dicom_node.cli.main import main
 from dicom_node.config import dump_toml
 from tests.conftest import HIPPO_CROP_STUDY1, REPO
 from tests import postgres
@@ -121,7 +123,10 @@ def test_a_killed_worker_s_job_runs_again_elsewhere_and_results_arrive_once(
     sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
     assert len(sops) == 4 * 3 and set(sops.values()) == {1}  # SEG, SC and SR of every study, once
     assert time.monotonic() - killed_at < 120
+    fleet = {w["pid"]: w for w in node.ledger().workers(3.0)}  # type: ignore[attr-defined]
+    assert fleet[workers[0].pid]["silent"] and not fleet[workers[1].pid]["silent"]  # the killed one, as seen
     assert workers[1].stop(timeout_s=30) == 0  # SIGTERM: a clean exit
+    assert workers[1].pid not in {w["pid"] for w in node.ledger().workers(3.0)}  # type: ignore[attr-defined]
 
 
 def test_a_cuda_only_analysis_is_never_taken_by_a_cpu_worker(
@@ -135,8 +140,8 @@ def test_a_cuda_only_analysis_is_never_taken_by_a_cpu_worker(
     run_storescu(distinct_studies(tmp_path / "studies", 1), node.port, called_aet="DICOMNODE")
     wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["queued"], deadline_s=60,
                what="the job queued")
-    depths = node.ledger().queue_depths()  # type: ignore[attr-defined]
-    assert depths == {"hippocampus@cuda": {"todo": 1, "doing": 0}}
+    depths = node.ledger().queue_depths(3.0)  # type: ignore[attr-defined]
+    assert depths == {"hippocampus@cuda": {"todo": 1, "doing": 0, "stalled": 0, "retrying": 0, "dead": 0}}
     time.sleep(3.0)
     assert [j.state for j in node.ledger().job_rows()] == ["queued"]  # still waiting
     shown = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config", str(node.config_file)],
@@ -199,6 +204,7 @@ def http_queue(api_port: int) -> dict[str, Any]:
 
 def test_workers_fetch_instances_over_http_and_return_results(
     tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     api_port = free_port()
     node, workers = scaled_out(2, {"hippocampus": {"plugin": "hippocampus"}}, queue=http_queue(api_port),
@@ -213,6 +219,18 @@ def test_workers_fetch_instances_over_http_and_return_results(
     fleet = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{api_port}/fleet", timeout=10).read())
     assert fleet["mode"] == "queue" and len(fleet["workers"]) == 2  # the status page's fleet view
     assert all(w["job_uid"] is None and w["heartbeat_age_s"] < 5 for w in fleet["workers"])
+    assert sorted((w["host"], w["device"], w["pid"], tuple(w["analyses"])) for w in fleet["workers"]) == sorted(
+        (socket.gethostname(), "cpu", worker.pid, ("gaussian-blur", "hippocampus")) for worker in workers)
+    assert fleet["queues"] == {}  # nothing waiting, running, stalled, retrying or dead
+    assert main(["status", "--config", str(node.config_file), "--limit", "1"]) == 0
+    shown = capsys.readouterr().out
+    for worker in workers:
+        assert re.search(rf"worker \d+  {re.escape(socket.gethostname())} cpu pid {worker.pid}  heartbeat \d+ s ago"
+                         r"  idle\n      analyses: gaussian-blur, hippocampus\n", shown), shown
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10).read().decode()
+    for worker in workers:
+        assert re.search(r'dicom_node_worker_heartbeat_age_seconds{device="cpu",'
+                         rf'host="{re.escape(socket.gethostname())}",pid="{worker.pid}",worker="\d+"}}', metrics)
     receiver_results = node.data_dir / "results"
     assert len(list(receiver_results.glob("*/*.dcm"))) == 3 * 3  # uploaded to the receiving node
     for worker in workers:

@@ -26,6 +26,20 @@ def test_check_config_prints_the_effective_configuration(capsys: pytest.CaptureF
     assert '[destinations.archive]\nae_title = "ARCHIVE"\nhost = "archive"\nport = 104' in out
 
 
+def test_serve_run_analyses_flag_sets_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli.arguments import config_from_args
+
+    parser = build_parser(commands=[])
+    config_file = REPO / "deploy" / "node.toml"
+    flagged = config_from_args(parser.parse_args(["serve", "--config", str(config_file), "--run-analyses"]))
+    plain = config_from_args(parser.parse_args(["serve", "--config", str(config_file)]))
+    assert flagged.queue.serve_runs_analyses and not plain.queue.serve_runs_analyses
+    assert flagged.model_dump(exclude={"queue"}) == plain.model_dump(exclude={"queue"})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    assert "queue.serve_runs_analyses" in " ".join(capsys.readouterr().out.split())
+
+
 def test_check_config_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "node.toml"
     bad.write_text("[workers]\ndevice = 'gpu'\n")

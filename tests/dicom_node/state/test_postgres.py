@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -184,3 +185,95 @@ def test_a_version_4_database_is_migrated_keeping_its_rows(
     (entry,) = ledger.manifest("1.2.3")
     assert entry.sop_instance_uid == "1.2.3.1" and entry.sha256 == ""
     ledger.close()
+
+
+OLD_QUEUE_SCHEMA = Path(__file__).parent / "data" / "procrastinate-3.3.0-schema.sql"
+
+#: The queue's objects as PostgreSQL describes them: tables' columns, functions' signatures
+#: and bodies, indexes, triggers and types, so two databases can be compared.
+QUEUE_CATALOG = """
+SELECT 'column', table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable
+       || ' ' || coalesce(column_default, '')
+  FROM information_schema.columns WHERE table_name LIKE 'procrastinate%'
+UNION ALL
+SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ') '
+       || pg_get_function_result(p.oid) || ' ' || md5(p.prosrc)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'public' AND p.proname LIKE 'procrastinate%'
+UNION ALL
+SELECT 'index', indexdef FROM pg_indexes WHERE tablename LIKE 'procrastinate%'
+UNION ALL
+SELECT 'trigger', pg_get_triggerdef(t.oid) FROM pg_trigger t WHERE NOT t.tgisinternal
+UNION ALL
+SELECT 'type', t.typname || ' ' || coalesce(string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder), '')
+  FROM pg_type t LEFT JOIN pg_enum e ON e.enumtypid = t.oid
+ WHERE t.typname LIKE 'procrastinate%' GROUP BY t.typname
+ORDER BY 1, 2
+"""
+
+
+def queue_catalog(dsn: str, password: str) -> list[tuple[str, str]]:
+    import psycopg
+
+    with psycopg.connect(dsn, password=password, autocommit=True) as db:
+        return [(str(kind), str(text)) for kind, text in db.execute(QUEUE_CATALOG).fetchall()]
+
+
+def test_db_upgrade_migrates_an_older_procrastinate_queue_to_the_installed_one(
+    tmp_path: Path, postgres_cluster: Cluster
+) -> None:
+    """A queue set up by procrastinate 3.3.0 gets the shipped migrations since: the same objects as a fresh one."""
+    import procrastinate
+    import psycopg
+
+    environ = {"DICOM_NODE_DB_PASSWORD": postgres_cluster.password}
+    fresh = StateSettings(backend="postgresql", dsn=postgres_cluster.create_database(f"pg_{next(_names)}"))
+    old = StateSettings(backend="postgresql", dsn=postgres_cluster.create_database(f"pg_{next(_names)}"))
+    assert upgrade_ledger(tmp_path, fresh, environ=environ) == (None, SCHEMA_VERSION)
+    assert fresh.dsn is not None and old.dsn is not None
+    with psycopg.connect(old.dsn, password=postgres_cluster.password, autocommit=True) as db:
+        db.execute(OLD_QUEUE_SCHEMA.read_text(encoding="utf-8").encode())
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('procrastinate_version', '3.3.0')")
+    before = queue_catalog(old.dsn, postgres_cluster.password)
+    after_fresh = queue_catalog(fresh.dsn, postgres_cluster.password)
+    assert ("function", "procrastinate_retry_job_v2") not in {(k, t.split("(")[0]) for k, t in before}
+    assert before != after_fresh  # 3.3.0's queue lacks what 3.4.0 added
+    assert upgrade_ledger(tmp_path, old, environ=environ) == (None, SCHEMA_VERSION)
+    assert queue_catalog(old.dsn, postgres_cluster.password) == after_fresh
+    with psycopg.connect(old.dsn, password=postgres_cluster.password, autocommit=True) as db:
+        recorded = db.execute("SELECT value FROM meta WHERE key = 'procrastinate_version'").fetchone()
+    assert recorded == (procrastinate.__version__,)
+    open_ledger(tmp_path, old, environ=environ).close()
+
+
+def test_db_upgrade_keeps_the_installed_queue_and_refuses_a_newer_or_unknown_one(
+    tmp_path: Path, postgres_cluster: Cluster, database: tuple[StateSettings, dict[str, str]]
+) -> None:
+    import procrastinate
+    import psycopg
+
+    state, environ = database
+    upgrade_ledger(tmp_path, state, environ=environ)
+    assert state.dsn is not None
+    catalog = queue_catalog(state.dsn, postgres_cluster.password)
+    with psycopg.connect(state.dsn, password=postgres_cluster.password, autocommit=True) as db:
+        def record(version: str) -> None:
+            db.execute("UPDATE meta SET value = %s WHERE key = 'procrastinate_version'", (version,))
+
+        assert db.execute("SELECT value FROM meta WHERE key = 'procrastinate_version'").fetchone() == (
+            procrastinate.__version__,)
+        assert upgrade_ledger(tmp_path, state, environ=environ) == (SCHEMA_VERSION, SCHEMA_VERSION)
+        assert queue_catalog(state.dsn, postgres_cluster.password) == catalog  # same version: nothing
+        record("99.0.0")
+        with pytest.raises(ConfigError, match=r"job queue's schema is of procrastinate 99\.0\.0, newer than"
+                                              rf" the installed {re.escape(procrastinate.__version__)}"):
+            upgrade_ledger(tmp_path, state, environ=environ)
+        with pytest.raises(ConfigError, match=r"job queue of procrastinate 99\.0\.0, this node has"
+                                              r" .*: run `dicom-node db upgrade"):
+            open_ledger(tmp_path, state, environ=environ)
+        record("three")
+        with pytest.raises(ConfigError, match="recorded as procrastinate 'three', not a version"):
+            upgrade_ledger(tmp_path, state, environ=environ)
+        assert db.execute("SELECT value FROM meta WHERE key = 'procrastinate_version'").fetchone() == (
+            "three",)  # the refused upgrade changed nothing

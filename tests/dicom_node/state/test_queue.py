@@ -87,7 +87,11 @@ def test_every_queued_job_is_deferred_once_with_its_uid_as_queueing_lock(
     assert ledger.cancel_job(uids[1], 14.0) == "cancelled"
     assert (uids[1], "gpu-only@cuda", "cancelled") in entries(db)
     assert ledger.start_job(uids[1], 15.0) is None  # a worker that took it anyway skips it
-    assert ledger.queue_depths() == {"hippocampus@any": {"todo": 1, "doing": 0}}
+    assert ledger.queue_depths(30) == {"hippocampus@any": depth(todo=1)}
+
+
+def depth(**counts: int) -> dict[str, int]:
+    return {"todo": 0, "doing": 0, "stalled": 0, "retrying": 0, "dead": 0, **counts}
 
 
 def test_a_job_is_never_recorded_without_its_queue_entry(
@@ -127,15 +131,49 @@ def test_jobs_of_a_silent_worker_are_queued_again_once(
         assert row is not None
         taken.append(str(row[0]))
         assert ledger.start_job(taken[-1], 11.0) is not None
+    ledger.register_worker(alive[0], host="gpu-host-2", device="cuda:1", analyses=["hippocampus"],
+                           pid=4242, now=11.0)
+    fleet = {w["id"]: w for w in ledger.workers(30)}
+    assert fleet[silent[0]]["silent"] and fleet[silent[0]]["host"] is None  # no identity recorded
+    assert fleet[silent[0]]["job_uid"] == taken[0]
+    busy = fleet[alive[0]]
+    assert (busy["host"], busy["device"], busy["analyses"], busy["pid"], busy["silent"]) == (
+        "gpu-host-2", "cuda:1", ["hippocampus"], 4242, False)
+    study = ledger.job(taken[1])
+    assert study is not None
+    assert (busy["job_uid"], busy["study_uid"], busy["analysis"], busy["queue"]) == (
+        taken[1], study.study_uid, "hippocampus", "hippocampus@any")
+    assert ledger.queue_depths(30) == {"hippocampus@any": depth(doing=2, stalled=1)}
     assert ledger.recover_stalled(stalled_after_s=30) == [taken[0]]
     assert ledger.recover_stalled(stalled_after_s=30) == []  # recovered once
     job = ledger.job(taken[0])
     assert job is not None and job.state == "queued"
     other = ledger.job(taken[1])
     assert other is not None and other.state == "running"  # its worker is alive
-    assert ledger.queue_depths() == {"hippocampus@any": {"todo": 1, "doing": 1}}
+    assert ledger.queue_depths(30) == {"hippocampus@any": depth(todo=1, doing=1, retrying=1)}
+    assert ledger.forget_workers(silent_for_s=240) == [silent[0]]  # gone long ago
+    assert ledger.forget_workers(silent_for_s=240) == []
+    assert [w["id"] for w in ledger.workers(30)] == [alive[0]]
+    db.execute("UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour'"
+               " WHERE id = %s", (alive[0],))
+    assert ledger.forget_workers(silent_for_s=240) == [alive[0]]
+    assert db.execute("SELECT count(*) FROM fleet_workers").fetchone() == (0,)  # its identity went too
+    assert ledger.queue_depths(30) == {"hippocampus@any": depth(todo=1, doing=1, stalled=1, retrying=1)}
     again = ledger.start_job(taken[0], 12.0)
     assert again is not None and again.attempts == 2
+
+
+def test_a_job_the_queue_gave_up_on_is_dead(admin: tuple[PostgresLedger, psycopg.Connection[Any]]) -> None:
+    ledger, db = admin
+    ledger.record_instance(record("1.2.3.1"), SERIES)
+    (uid,) = ledger.complete_study("1.2", 10.0, [PlannedJob("hippocampus", "1.2.3")])
+    assert ledger.start_job(uid, 11.0) is not None
+    db.execute("UPDATE procrastinate_jobs SET status = 'failed', attempts = 100 WHERE queueing_lock = %s", (uid,))
+    assert ledger.queue_depths(30) == {"hippocampus@any": depth(dead=1)}  # the ledger still has it running
+    job = ledger.job(uid)
+    assert job is not None
+    ledger.finish_job(job.id, 12.0, state="failed", reason="given up")
+    assert ledger.queue_depths(30) == {}
 
 
 def test_metrics_show_the_queue_and_the_workers(admin: tuple[PostgresLedger, psycopg.Connection[Any]]) -> None:
@@ -146,11 +184,15 @@ def test_metrics_show_the_queue_and_the_workers(admin: tuple[PostgresLedger, psy
     ledger, db = admin
     ledger.record_instance(record("1.2.3.1"), SERIES)
     ledger.complete_study("1.2", 10.0, [PlannedJob("gpu-only", "1.2.3")])
-    db.execute("INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '42 seconds')")
-    text = NodeMetrics(ledger, lambda: {}).render().decode()
+    (worker,) = db.execute("INSERT INTO procrastinate_workers (last_heartbeat)"
+                           " VALUES (now() - interval '42 seconds') RETURNING id").fetchall()
+    ledger.register_worker(worker[0], host="cpu-host", device="cpu", analyses=["hippocampus"], pid=7, now=1.0)
+    text = NodeMetrics(ledger, lambda: {}, stalled_after_s=30).render().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples[("dicom_node_queue_jobs", (("queue", "gpu-only@cuda"), ("status", "todo")))] == 1
     assert samples[("dicom_node_workers", ())] == 1
     (age,) = [v for (name, _), v in samples.items() if name == "dicom_node_worker_heartbeat_age_seconds"]
     assert 41 <= age < 60
+    labels = {"worker": str(worker[0]), "host": "cpu-host", "device": "cpu", "pid": "7"}
+    assert samples[("dicom_node_worker_busy", tuple(sorted({**labels, "analysis": ""}.items())))] == 0
