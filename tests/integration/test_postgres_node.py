@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,9 +13,7 @@ import pytest
 
 from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storescu, wait_until
-from dicom_node.config import dump_toml
-from tests.conftest import HIPPO_DICOM, REPO
-from tests.postgres import Cluster
+from tests.conftest import HIPPO_DICOM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
