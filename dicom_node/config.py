@@ -424,6 +424,12 @@ class StateSettings(_Frozen):
         return environ.get(PASSWORD_ENV) or None
 
 
+def _receiver_address(value: str) -> str:
+    if not re.fullmatch(r"https?://[^/\s]+/?", value):
+        raise ValueError(f"{value!r} is not an http:// or https:// address such as http://node:8080")
+    return value.rstrip("/")
+
+
 class QueueSettings(_Frozen):
     """The job queue of the scaled-out mode (``state.backend = "postgresql"``).
 
@@ -441,24 +447,40 @@ class QueueSettings(_Frozen):
     forget_workers_after_s: Annotated[float, Field(gt=0)] = 86400.0
     stop_grace_s: Annotated[float, Field(ge=0)] = 600.0
     serve_runs_analyses: bool = False
-    #: How workers get a job's instances: "http" from the receiving node's API (``receiver_url``,
-    #: the bearer token of ``[api]``), or "shared" from the spool paths (a shared mount).
+    #: How workers get a job's instances: "http" from the receiving nodes' APIs (``receiver_urls``,
+    #: or the one ``receiver_url``; the bearer token of ``[api]``), or "shared" from the spool
+    #: paths (a shared mount). Results go back to the first receiving node that answers.
     instances: Literal["shared", "http"] = "shared"
     receiver_url: str | None = None
+    receiver_urls: tuple[str, ...] = ()
     transfer_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("receiver_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https?://[^/\s]+/?", value):
-            raise ValueError(f"{value!r} is not an http:// or https:// address such as http://node:8080")
-        return None if value is None else value.rstrip("/")
+        return None if value is None else _receiver_address(value)
+
+    @field_validator("receiver_urls")
+    @classmethod
+    def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        urls = tuple(_receiver_address(url) for url in value)
+        repeated = sorted({url for url in urls if urls.count(url) > 1})
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed twice")
+        return urls
 
     @model_validator(mode="after")
     def _receiver_for_http(self) -> QueueSettings:
-        if self.instances == "http" and self.receiver_url is None:
-            raise ValueError('instances = "http" needs receiver_url, the receiving node\'s API address')
+        if self.receiver_url is not None and self.receiver_urls:
+            raise ValueError("give receiver_url (one receiving node) or receiver_urls, not both")
+        if self.instances == "http" and not self.receivers():
+            raise ValueError('instances = "http" needs receiver_urls (or receiver_url), the receiving'
+                             " nodes' API addresses")
         return self
+
+    def receivers(self) -> tuple[str, ...]:
+        """Return the receiving nodes' API addresses, ``receiver_url`` as a list of one."""
+        return self.receiver_urls or (() if self.receiver_url is None else (self.receiver_url,))
 
     @model_validator(mode="after")
     def _stalled_after_heartbeats(self) -> QueueSettings:

@@ -19,6 +19,10 @@ class ReceiverUnavailable(DicomNodeError):
     """A worker cannot reach the receiving node's API just now: the job goes back to the queue."""
 
 
+class ReceiverUntrusted(ReceiverUnavailable):
+    """A receiving node's HTTPS certificate is not signed by a CA the worker trusts (``node.tls``)."""
+
+
 class RejectedInstance(DicomNodeError):
     """An instance cannot be stored: answer the C-STORE with ``status``.
 

@@ -50,6 +50,10 @@ class DeliveryLoop:
     sources
         The Orthanc sources by name: a destination ``source:NAME`` is stored into that
         Orthanc through its REST API, with the same retries and dead-letter.
+    local_files_only
+        Several receiving nodes share the ledger and workers upload each job's results to
+        one of them: send only the deliveries whose files are on this host, leaving the
+        others to the node that holds them.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class DeliveryLoop:
         clock: Callable[[], float],
         on_sent: Callable[[float], None],
         sources: Mapping[str, OrthancSource] | None = None,
+        local_files_only: bool = False,
     ) -> None:
         self.ledger = ledger
         self.destinations = dict(destinations)
@@ -72,6 +77,7 @@ class DeliveryLoop:
         self.clock = clock
         self.on_sent = on_sent
         self.sources = dict(sources or {})
+        self.local_files_only = local_files_only
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -101,6 +107,8 @@ class DeliveryLoop:
         """Attempt every delivery that is due; return how many were sent."""
         sent = 0
         for delivery in self.ledger.due_deliveries(self.clock()):
+            if self.local_files_only and not all(Path(f).is_file() for f in delivery.files):
+                continue  # uploaded to another receiving node, which sends them
             # Several receivers may share the ledger: only the one that takes it sends it.
             if not self.ledger.claim_delivery(delivery.id, self.clock(), self._lease_s()):
                 continue

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dicom_node import __version__
 from dicom_node.config import ApiSettings, TlsSettings
 from dicom_node.errors import InvalidJobRequest
+from dicom_node.receive.spool import Spool
 from dicom_node.service.job_server import add_job_server_routes
 from dicom_node.service.jobs import JobService, fleet_of
 from dicom_node.service.transfer import add_transfer_routes
@@ -101,7 +102,7 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
 def create_app(
     jobs: JobService, settings: ApiSettings, *, ae_title: str,
     live_figures: Callable[[], dict[str, Any]], render_metrics: Callable[[], bytes], jobs_root: Path,
-    results_dir: Path | None = None, stalled_after_s: float = 30.0,
+    results_dir: Path | None = None, stalled_after_s: float = 30.0, spool: Spool | None = None,
 ) -> FastAPI:
     """Build the FastAPI application.
 
@@ -124,6 +125,8 @@ def create_app(
         (:mod:`dicom_node.service.transfer`), uploads going here. They need ``api.token``.
     stalled_after_s
         ``queue.stalled_after_s``, for the fleet view of ``/fleet``.
+    spool
+        Scaled out: this node's instance store, whose files the transfer routes serve.
     """
     app = FastAPI(title="dicom-node", version=__version__,
                   description="Jobs, studies, health and metrics of a dicom-node. Changing calls need "
@@ -138,8 +141,8 @@ def create_app(
             raise HTTPException(401, "a bearer token is required for this call",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    if results_dir is not None and token is not None:
-        add_transfer_routes(app, jobs.ledger, results_dir, authorised)
+    if results_dir is not None and spool is not None and token is not None:
+        add_transfer_routes(app, jobs.ledger, spool, results_dir, authorised)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

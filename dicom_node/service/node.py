@@ -89,6 +89,7 @@ class Node:
             self.ledger, config.destinations, config.delivery, config.node.ae_title,
             job_line=self.scheduler.line, clock=clock, on_sent=self.metrics.observe_send,
             sources=self.sources,
+            local_files_only=config.state.backend == "postgresql" and config.queue.instances == "http",
         )
         self.jobs = JobService(
             self.ledger, self.runnable, config.selection.default_min_slices, self.ingestor(Origin.API),
@@ -136,10 +137,12 @@ class Node:
             app = create_app(self.jobs, self.config.api, ae_title=self.config.node.ae_title,
                              live_figures=self._live_figures, render_metrics=self.metrics.render,
                              jobs_root=jobs_root, stalled_after_s=self.config.queue.stalled_after_s,
-                             results_dir=self.config.node.data_dir / "results" if self.queued else None)
+                             results_dir=self.config.node.data_dir / "results" if self.queued else None,
+                             spool=self.spool)
             self.api = ApiServer(app, self.config.api, self.config.node.tls)
             host, port = self.api.start()
-            logger.info("HTTP API and status page on http://%s:%d/", host, port)
+            scheme = "https" if self.config.node.tls is not None else "http"
+            logger.info("HTTP API and status page on %s://%s:%d/", scheme, host, port)
         if self.config.watch.dir is not None:
             self.watcher = WatchFolder(self.config.watch, self.ingestor(Origin.WATCH),
                                        rejected_default=self.config.node.data_dir / "watch-rejected")

@@ -1,9 +1,11 @@
-"""Files between the receiving node and worker hosts over its HTTP API: a job's instances out, its results in.
+"""Files between a receiving node and worker hosts over its HTTP API: a job's instances out, its results in.
 
 Workers on other hosts need no shared filesystem: they read a job's manifest (SOP
-Instance UIDs, sizes, SHA-256, recorded at receive time), fetch each instance (streamed),
-and upload their result files, which the receiving node alone then sends to the PACS.
-Every route needs the node's bearer token; without ``api.token`` they are not served.
+Instance UIDs, sizes, SHA-256, recorded at receive time), ask each receiving node which
+of the job's instances are in its own spool (two receivers on one ledger may each hold
+part of a study), fetch each instance from one that holds it (streamed), and upload their
+result files, which the receiving node then sends to the PACS. Every route needs the
+node's bearer token; without ``api.token`` they are not served.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from dicom_node.receive.spool import fsync_dir
+from dicom_node.receive.spool import Spool, fsync_dir
 from dicom_node.state.ledger import Ledger
-from dicom_node.state.records import JobRecord
+from dicom_node.state.records import JobRecord, ManifestEntry
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +30,9 @@ logger = logging.getLogger(__name__)
 _RESULT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def add_transfer_routes(app: FastAPI, ledger: Ledger, results_dir: Path,
+def add_transfer_routes(app: FastAPI, ledger: Ledger, spool: Spool, results_dir: Path,
                         authorised: Callable[..., None]) -> None:
-    """Serve ``/transfer/jobs/{uid}/...``: the manifest, the instances, result uploads.
+    """Serve ``/transfer/jobs/{uid}/...``: the manifest, the instances held here, the instances, result uploads.
 
     Parameters
     ----------
@@ -38,6 +40,9 @@ def add_transfer_routes(app: FastAPI, ledger: Ledger, results_dir: Path,
         The node's API application.
     ledger
         The ledger the jobs and manifests are read from.
+    spool
+        This node's instance store: only the files in it are served (the ledger's paths may
+        be another receiving node's).
     results_dir
         Uploaded results go to ``results_dir/<job uid>/<name>``.
     authorised
@@ -60,15 +65,27 @@ def add_transfer_routes(app: FastAPI, ledger: Ledger, results_dir: Path,
         return {"job_uid": uid, "series_uid": job.series_uid,
                 "instances": [entry.to_json() for entry in entries]}
 
+    def local_path(job: JobRecord, entry: ManifestEntry) -> Path:
+        return spool.path_for(job.study_uid, job.series_uid or "", entry.sop_instance_uid)
+
+    @app.get("/transfer/jobs/{uid}/held", dependencies=[Depends(authorised)])
+    def held(uid: str) -> dict[str, Any]:
+        """The SOP Instance UIDs of the job's instances whose files are in this node's spool."""
+        job = running(uid)
+        present = [entry.sop_instance_uid for entry in ledger.manifest(job.series_uid or "")
+                   if local_path(job, entry).is_file()]
+        return {"job_uid": uid, "sop_instance_uids": present}
+
     @app.get("/transfer/jobs/{uid}/instances/{sop_instance_uid}", dependencies=[Depends(authorised)])
     def instance(uid: str, sop_instance_uid: str) -> FileResponse:
-        """One instance file of the job's series, streamed as stored."""
+        """One instance file of the job's series, streamed as stored in this node's spool."""
         job = running(uid)
         for entry in ledger.manifest(job.series_uid or ""):
             if entry.sop_instance_uid == sop_instance_uid:
-                if not Path(entry.path).is_file():
-                    raise HTTPException(410, f"instance {sop_instance_uid} is no longer in the spool")
-                return FileResponse(entry.path, media_type="application/dicom")
+                path = local_path(job, entry)
+                if not path.is_file():
+                    raise HTTPException(410, f"instance {sop_instance_uid} is not in this node's spool")
+                return FileResponse(path, media_type="application/dicom")
         raise HTTPException(404, f"instance {sop_instance_uid} is not in job {uid}'s series")
 
     @app.put("/transfer/jobs/{uid}/results/{name}", status_code=201, dependencies=[Depends(authorised)])

@@ -24,9 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node.config import NodeConfig, dump_toml
-from dicom_node.errors import ConfigError, LedgerUnavailable, ReceiverUnavailable, StudyNotProcessable
+from dicom_node.errors import (
+    ConfigError,
+    LedgerUnavailable,
+    ReceiverUnavailable,
+    ReceiverUntrusted,
+    StudyNotProcessable,
+)
 from dicom_node.run.dispatcher import Completion, WorkerPool
-from dicom_node.run.fetch import ReceiverClient, drop_cache
+from dicom_node.run.fetch import ReceiverClient, Receivers, drop_cache, receiver_tls_context
 from dicom_node.schedule.grouper import StudyTracker
 from dicom_node.schedule.scheduler import MAX_JOB_ATTEMPTS, Scheduler
 from dicom_node.state import queue
@@ -56,7 +62,8 @@ class QueueWorker:
     Raises
     ------
     ConfigError
-        If the ledger is not in PostgreSQL, or no configured analysis may run on ``device``.
+        If the ledger is not in PostgreSQL, no configured analysis may run on ``device``, or
+        a receiving node's HTTPS certificate is not signed by a CA of ``node.tls``.
     """
 
     def __init__(self, config: NodeConfig, device: str, data_dir: Path, *,
@@ -73,6 +80,9 @@ class QueueWorker:
                               f" (device {device})")
         self.name = f"{socket.gethostname()}:{os.getpid()}:{device}"
         self.clock = clock
+        self.receivers: Receivers | None = None
+        if config.queue.instances == "http":
+            self.receivers = self._receivers(config)
         from dicom_node.state.postgres import PostgresLedger  # psycopg: the scaled-out mode only
 
         ledger = open_ledger(data_dir, config.state, queues=queue.job_queues(config))
@@ -85,17 +95,25 @@ class QueueWorker:
             self.ledger, tracker, served, config.destinations_for, data_dir / "results",
             config.node.ae_title, clock=clock, on_finished=self._finished,
         )
-        self.pool = WorkerPool(config.workers, served, [device])
         self.data_dir = data_dir
-        self.receiver: ReceiverClient | None = None
-        if config.queue.instances == "http":
-            token = config.api.bearer_token()
-            if token is None:
-                raise ConfigError('api.token: workers with queue.instances = "http" need the'
-                                  " receiving node's bearer token (api.token or api.token_file)")
-            assert config.queue.receiver_url is not None  # validated
-            self.receiver = ReceiverClient(config.queue.receiver_url, token,
-                                           timeout_s=config.queue.transfer_timeout_s)
+        self.pool = WorkerPool(config.workers, served, [device])
+
+    @staticmethod
+    def _receivers(config: NodeConfig) -> Receivers:
+        """The receiving nodes, each checked once: a certificate this worker does not trust stops it."""
+        token = config.api.bearer_token()
+        if token is None:
+            raise ConfigError('api.token: workers with queue.instances = "http" need the'
+                              " receiving node's bearer token (api.token or api.token_file)")
+        context = receiver_tls_context(config.node.tls)
+        receivers = Receivers([ReceiverClient(url, token, timeout_s=config.queue.transfer_timeout_s,
+                                              tls_context=context)
+                               for url in config.queue.receivers()])
+        try:
+            receivers.check()
+        except ReceiverUntrusted as exc:
+            raise ConfigError(f"queue.receiver_urls: {exc}") from None
+        return receivers
 
     def _finished(self, job: JobRecord, study: StudyRecord | None, state: JobState) -> None:
         logger.debug("job %s finished on %s: %s", job.uid, self.name, state)
@@ -106,24 +124,32 @@ class QueueWorker:
         A job that was cancelled or superseded meanwhile is skipped. A job that stopped its
         workers :data:`MAX_JOB_ATTEMPTS` times fails instead of running again.
         """
-        job = self.ledger.start_job(job_uid, self.clock())
-        if job is None:
+        # Instances are fetched before the job counts as started: a receiving node that cannot
+        # be reached sends the job back to the queue without using up one of its attempts.
+        current = self.ledger.job(job_uid)
+        if current is None or current.state not in (JobState.QUEUED, JobState.RUNNING):
             logger.info("job %s skipped on %s: no longer queued", job_uid, self.name)
-            return
-        if job.attempts > MAX_JOB_ATTEMPTS:
-            self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED,
-                                   reason="the job stopped its worker too many times")
             return
         cache = self.data_dir / "cache" / job_uid
         try:
-            paths = None
-            if self.receiver is not None:
+            paths, unprocessable = None, None
+            if self.receivers is not None:
                 try:
-                    paths = self.receiver.fetch_instances(job_uid, cache)
+                    paths = self.receivers.fetch_instances(job_uid, cache)
                 except StudyNotProcessable as exc:
-                    self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED, reason=str(exc))
-                    logger.warning("job %s failed on %s: %s", job_uid, self.name, exc)
-                    return
+                    unprocessable = exc
+            job = self.ledger.start_job(job_uid, self.clock())
+            if job is None:
+                logger.info("job %s skipped on %s: no longer queued", job_uid, self.name)
+                return
+            if unprocessable is not None:
+                self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED, reason=str(unprocessable))
+                logger.warning("job %s failed on %s: %s", job_uid, self.name, unprocessable)
+                return
+            if job.attempts > MAX_JOB_ATTEMPTS:
+                self.ledger.finish_job(job.id, self.clock(), state=JobState.FAILED,
+                                       reason="the job stopped its worker too many times")
+                return
             spec = self.scheduler.prepare(job, paths)
             if spec is None:
                 return
@@ -132,17 +158,17 @@ class QueueWorker:
                 time.sleep(0.05)
             while not (done := self.pool.collect()):
                 time.sleep(0.05)
-            if self.receiver is not None:
+            if self.receivers is not None:
                 done = [self._returned(completion) for completion in done]
             self.scheduler.finish(done)
         finally:
             drop_cache(cache)
 
     def _returned(self, completion: Completion) -> Completion:
-        """The completion with its result files uploaded to the receiving node, named as there."""
-        if completion.outcome is None or self.receiver is None:
+        """The completion with its result files uploaded to a receiving node, named as there."""
+        if completion.outcome is None or self.receivers is None:
             return completion
-        files = self.receiver.upload_results(completion.spec.job_uid, completion.outcome.files)
+        files = self.receivers.upload_results(completion.spec.job_uid, completion.outcome.files)
         return replace(completion, outcome=replace(completion.outcome, files=files))
 
     def _register(self, worker_id: int) -> None:

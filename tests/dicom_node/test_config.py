@@ -149,7 +149,16 @@ def test_http_instances_need_a_receiver_url() -> None:
     with pytest.raises(ConfigError, match=r"node.toml: queue.receiver_url: 'node:8080' is not an http"):
         build_config({"queue": {"instances": "http", "receiver_url": "node:8080"}}, source="node.toml")
     queue = build_config({"queue": {"instances": "http", "receiver_url": "https://node:8080/"}}).queue
-    assert queue.receiver_url == "https://node:8080"
+    assert queue.receiver_url == "https://node:8080" and queue.receivers() == ("https://node:8080",)
+    queue = build_config({"queue": {"instances": "http",
+                                    "receiver_urls": ["https://a:8080/", "https://b:8080"]}}).queue
+    assert queue.receivers() == ("https://a:8080", "https://b:8080")
+    with pytest.raises(ConfigError, match=r"queue.receiver_urls: 'https://a:8080' is listed twice"):
+        build_config({"queue": {"instances": "http", "receiver_urls": ["https://a:8080/", "https://a:8080"]}})
+    with pytest.raises(ConfigError, match=r"queue.receiver_urls: 'b' is not an http"):
+        build_config({"queue": {"instances": "http", "receiver_urls": ["https://a:8080", "b"]}})
+    with pytest.raises(ConfigError, match=r"queue: give receiver_url \(one receiving node\) or receiver_urls, not both"):
+        build_config({"queue": {"instances": "http", "receiver_url": "http://a:1", "receiver_urls": ["http://b:1"]}})
     with pytest.raises(ConfigError, match=r"queue: stalled_after_s must be at least twice heartbeat_s"):
         build_config({"queue": {"heartbeat_s": 20, "stalled_after_s": 30}})
     with pytest.raises(ConfigError, match=r"queue: forget_workers_after_s must be at least stalled_after_s"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
@@ -11,6 +13,9 @@ from typing import Any, Protocol, TypedDict, Unpack
 import pytest
 
 from deploy.local.orthanc_process import OrthancProcess, StoreScpProcess
+from dicom_node.config import dump_toml
+from tests.conftest import REPO
+from tests.postgres import Cluster
 
 TEST_STABLE_AGE_S = 1
 """StableAge for tests: OnStableStudy fires about 1-2 s after the last instance."""
@@ -97,3 +102,21 @@ def make_orthanc(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Ort
 def orthanc(make_orthanc: OrthancFactory, storescp: StoreScpProcess) -> OrthancProcess:
     """A running Orthanc (shipped config and Lua) whose ``dicom-node`` modality is ``storescp``."""
     return make_orthanc(node_aet=storescp.aet, node_host=storescp.host, node_port=storescp.port)
+
+
+@pytest.fixture
+def postgres_state(
+    tmp_path: Path, postgres_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """A fresh database, its schema created by ``dicom-node db upgrade``; the password in the environment."""
+    dsn = postgres_cluster.create_database(f"node_{tmp_path.name.lower().replace('-', '_')}")
+    monkeypatch.setenv("DICOM_NODE_DB_PASSWORD", postgres_cluster.password)
+    state = {"backend": "postgresql", "dsn": dsn}
+    config = tmp_path / "upgrade.toml"
+    config.write_text(dump_toml({"state": state}), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "db", "upgrade", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "created at schema version" in done.stdout
+    return state

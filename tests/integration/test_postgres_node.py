@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,31 +13,11 @@ import pytest
 
 from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storescu, wait_until
-from dicom_node.config import dump_toml
-from tests.conftest import HIPPO_DICOM, REPO
-from tests.postgres import Cluster
+from tests.conftest import HIPPO_DICOM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CROP_SERIES = HIPPO_DICOM / "Study1" / "13_HCropVolume"
-
-
-@pytest.fixture
-def postgres_state(
-    tmp_path: Path, postgres_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, Any]:
-    """A fresh database, its schema created by ``dicom-node db upgrade``; the password in the environment."""
-    dsn = postgres_cluster.create_database(f"node_{tmp_path.name.lower().replace('-', '_')}")
-    monkeypatch.setenv("DICOM_NODE_DB_PASSWORD", postgres_cluster.password)
-    state = {"backend": "postgresql", "dsn": dsn}
-    config = tmp_path / "upgrade.toml"
-    config.write_text(dump_toml({"state": state}), encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "db", "upgrade", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr
-    assert "created at schema version" in done.stdout
-    return state
 
 
 @pytest.fixture

@@ -177,9 +177,13 @@ def test_pull_catches_up_fetches_only_wanted_series_and_never_twice(
         print(f"----- {node.log_file} -----\n{node.log_text()[-8000:]}")
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_push_and_pull_together_analyse_a_study_once(
-    make_orthanc: Callable[..., OrthancProcess], tmp_path: Path
+    make_orthanc: Callable[..., OrthancProcess], tmp_path: Path, backend: str, request: pytest.FixtureRequest,
 ) -> None:
+    # On PostgreSQL the node runs its analyses through the job queue, on a worker of its own host.
+    ledger_config = {} if backend == "sqlite" else {
+        "state": request.getfixturevalue("postgres_state"), "queue": {"serve_runs_analyses": True}}
     node_port = free_port()
     # the shipped routing script pushes to the node, and the node pulls from the same Orthanc
     orthanc = make_orthanc(node_aet="DICOMNODE", node_host="127.0.0.1", node_port=node_port)
@@ -187,7 +191,7 @@ def test_push_and_pull_together_analyse_a_study_once(
         tmp_path / "node", port=node_port,
         destinations={"pacs": (orthanc.aet, "127.0.0.1", orthanc.dicom_port)},
         config={"sources": {"pacs": {"ae_title": orthanc.aet, "url": orthanc.base_url, "mode": "pull",
-                                     "poll_interval_s": 0.2}}},
+                                     "poll_interval_s": 0.2}}, **ledger_config},
     )
     try:
         node.start()
@@ -213,6 +217,14 @@ def test_push_and_pull_together_analyse_a_study_once(
         (study_id,) = [m["ID"] for m in orthanc.lookup(study_uid) if m["Type"] == "Study"]
         modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.series(study_id)]
         assert modalities.count("SEG") == 1 and modalities.count("SR") == 1
+        # restarted, the node resumes from its cursor: nothing is pulled or analysed again
+        node.stop(timeout_s=30)
+        node.start()
+        wait_until(lambda: node.log_text().count("pulling from source pacs") == 2, 20, "pulling again")
+        time.sleep(2.0)  # several polls
+        ledger = node.ledger()
+        assert len([j for j in ledger.job_rows(study_uid=study_uid) if j.analysis == "hippocampus"]) == 1
+        assert ledger.study(study_uid).generation == 1  # type: ignore[union-attr]
     finally:
         node.stop(timeout_s=30)
 

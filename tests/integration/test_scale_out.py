@@ -6,9 +6,10 @@ import json
 import os
 import re
 import socket
-import urllib.request
+import ssl
 import subprocess
 import sys
+import urllib.request
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from deploy.local.worker_process import WorkerProcess
 from dicom_node.cli.main import main
 from dicom_node.config import dump_toml
 from tests.conftest import HIPPO_CROP_STUDY1, REPO
+from tests.integration.test_tls import make_certificates
 from tests import postgres
 from tests.postgres import Cluster
 
@@ -60,7 +62,7 @@ def scaled_out(
     def start(workers: int, analyses: dict[str, Any], cluster: Cluster | None = None,
               queue: dict[str, Any] | None = None, api: dict[str, Any] | None = None,
               destination: tuple[str, str, int] | None = None, port: int | None = None,
-              ) -> tuple[NodeProcess, list[WorkerProcess]]:
+              node_settings: dict[str, Any] | None = None) -> tuple[NodeProcess, list[WorkerProcess]]:
         if cluster is None:
             cluster = request.getfixturevalue("postgres_cluster")
         assert cluster is not None
@@ -72,6 +74,7 @@ def scaled_out(
                       "stop_grace_s": 60.0, **(queue or {})},
             "analyses": analyses,
             **({"api": api} if api else {}),
+            **({"node": node_settings} if node_settings else {}),
         }
         node = NodeProcess(tmp_path / "receiver", port=port or free_port(),
                            destinations={"pacs": destination or (storescp.aet, storescp.host, storescp.port)},
@@ -202,35 +205,62 @@ def http_queue(api_port: int) -> dict[str, Any]:
     return {"instances": "http", "receiver_url": f"http://127.0.0.1:{api_port}"}
 
 
-def test_workers_fetch_instances_over_http_and_return_results(
+def test_workers_fetch_instances_over_https_with_a_private_ca_and_return_results(
     tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The node's API serves HTTPS with a certificate of a CA made here; a worker trusting another
+    CA refuses it and runs nothing; workers trusting this CA (node.tls) fetch, run and upload."""
+    certs = make_certificates(tmp_path / "certs")
+    elsewhere = make_certificates(tmp_path / "other-ca")
     api_port = free_port()
-    node, workers = scaled_out(2, {"hippocampus": {"plugin": "hippocampus"}}, queue=http_queue(api_port),
-                               api={"enabled": True, "host": "127.0.0.1", "port": api_port,
-                                    "token": "s3cret-token"})
-    run_storescu(distinct_studies(tmp_path / "studies", 3), node.port, called_aet="DICOMNODE")
-    wait_until(lambda: sent_jobs(node) == 3, deadline_s=180, what="every study's results sent", poll_s=0.5)
-    fetched = sum(w.log_text().count("instance(s) fetched from http://127.0.0.1") for w in workers)
-    assert fetched == 3
-    assert all(job.state == "done" for job in node.ledger().job_rows())
-    assert node.ledger().due_deliveries(time.time() + 1e6) == []  # nothing left to send
-    fleet = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{api_port}/fleet", timeout=10).read())
-    assert fleet["mode"] == "queue" and len(fleet["workers"]) == 2  # the status page's fleet view
-    assert all(w["job_uid"] is None and w["heartbeat_age_s"] < 5 for w in fleet["workers"])
-    assert sorted((w["host"], w["device"], w["pid"], tuple(w["analyses"])) for w in fleet["workers"]) == sorted(
-        (socket.gethostname(), "cpu", worker.pid, ("gaussian-blur", "hippocampus")) for worker in workers)
-    assert fleet["queues"] == {}  # nothing waiting, running, stalled, retrying or dead
-    assert main(["status", "--config", str(node.config_file), "--limit", "1"]) == 0
-    shown = capsys.readouterr().out
-    for worker in workers:
-        assert re.search(rf"worker \d+  {re.escape(socket.gethostname())} cpu pid {worker.pid}  heartbeat \d+ s ago"
-                         r"  idle\n      analyses: gaussian-blur, hippocampus\n", shown), shown
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10).read().decode()
-    for worker in workers:
-        assert re.search(r'dicom_node_worker_heartbeat_age_seconds{device="cpu",'
-                         rf'host="{re.escape(socket.gethostname())}",pid="{worker.pid}",worker="\d+"}}', metrics)
+    tls = {"certificate": str(certs["node"]), "private_key": str(certs["node.key"]),
+           "ca_certificates": str(certs["ca"])}
+    node, _ = scaled_out(0, {"hippocampus": {"plugin": "hippocampus"}},
+                         queue={"instances": "http", "receiver_url": f"https://127.0.0.1:{api_port}"},
+                         api={"enabled": True, "host": "127.0.0.1", "port": api_port, "token": "s3cret-token"},
+                         node_settings={"tls": tls})
+    run_storescu(distinct_studies(tmp_path / "studies", 3), node.port, called_aet="DICOMNODE",
+                 extra_args=["+tls", str(certs["client.key"]), str(certs["client"]), "+cf", str(certs["ca"])])
+    wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["queued"] * 3, deadline_s=60,
+               what="three jobs queued")
+    wrong_ca = tmp_path / "wrong-ca.toml"
+    wrong_ca.write_text(dump_toml({**node.config, "node": {**node.config["node"],
+                                                            "tls": {**tls, "ca_certificates": str(elsewhere["ca"])}}}))
+    with pytest.raises(RuntimeError, match=rf"refusing https://127.0.0.1:{api_port}: its certificate is not trusted"):
+        WorkerProcess(wrong_ca, tmp_path / "wrong-ca-worker").start()
+    assert [(j.state, j.attempts) for j in node.ledger().job_rows()] == [("queued", 0)] * 3  # nothing ran
+    workers = [WorkerProcess(node.config_file, tmp_path / f"worker-{n}") for n in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        wait_until(lambda: sent_jobs(node) == 3, deadline_s=180, what="every study's results sent", poll_s=0.5)
+        fetched = sum(w.log_text().count(f"instance(s) fetched from https://127.0.0.1:{api_port} (32)")
+                      for w in workers)
+        assert fetched == 3
+        assert all(job.state == "done" for job in node.ledger().job_rows())
+        assert node.ledger().due_deliveries(time.time() + 1e6) == []  # nothing left to send
+        trusted = ssl.create_default_context(cafile=certs["ca"])
+        fleet = json.loads(urllib.request.urlopen(f"https://127.0.0.1:{api_port}/fleet", timeout=10,
+                                                  context=trusted).read())
+        assert fleet["mode"] == "queue" and len(fleet["workers"]) == 2  # the status page's fleet view
+        assert all(w["job_uid"] is None and w["heartbeat_age_s"] < 5 for w in fleet["workers"])
+        assert sorted((w["host"], w["device"], w["pid"], tuple(w["analyses"])) for w in fleet["workers"]) == sorted(
+            (socket.gethostname(), "cpu", worker.pid, ("gaussian-blur", "hippocampus")) for worker in workers)
+        assert fleet["queues"] == {}  # nothing waiting, running, stalled, retrying or dead
+        assert main(["status", "--config", str(node.config_file), "--limit", "1"]) == 0
+        shown = capsys.readouterr().out
+        for worker in workers:
+            assert re.search(rf"worker \d+  {re.escape(socket.gethostname())} cpu pid {worker.pid}  heartbeat \d+ s ago"
+                             r"  idle\n      analyses: gaussian-blur, hippocampus\n", shown), shown
+        metrics = urllib.request.urlopen(f"https://127.0.0.1:{api_port}/metrics", timeout=10,
+                                         context=trusted).read().decode()
+        for worker in workers:
+            assert re.search(r'dicom_node_worker_heartbeat_age_seconds{device="cpu",'
+                             rf'host="{re.escape(socket.gethostname())}",pid="{worker.pid}",worker="\d+"}}', metrics)
+    finally:
+        for worker in workers:
+            worker.stop(timeout_s=30)
     receiver_results = node.data_dir / "results"
     assert len(list(receiver_results.glob("*/*.dcm"))) == 3 * 3  # uploaded to the receiving node
     for worker in workers:
@@ -301,12 +331,19 @@ def test_orthanc_routes_ten_studies_to_a_receiver_and_two_workers_with_a_worker_
 def test_two_receivers_one_ledger_complete_a_study_once(
     tmp_path: Path, storescp: StoreScpProcess, scaled_out: Callable[..., tuple[NodeProcess, list[WorkerProcess]]],
 ) -> None:
-    """Half a study at each receiver: one job; the study resent to the other after a failover: no second job."""
-    node, _ = scaled_out(1, {"hippocampus": {"plugin": "hippocampus"}})
+    """Half a study at each receiver: one job, whose worker (no shared spool) fetches each half from
+    the receiver holding it, skipping a third that is down; the study resent to the other after a
+    failover: no second job."""
+    api_ports, down = (free_port(), free_port()), f"http://127.0.0.1:{free_port()}"
+    urls = [f"http://127.0.0.1:{port}" for port in api_ports]
+    api = {"enabled": True, "host": "127.0.0.1", "token": "s3cret-token"}
+    node, workers = scaled_out(1, {"hippocampus": {"plugin": "hippocampus"}},
+                               queue={"instances": "http", "receiver_urls": [*urls, down]},
+                               api={**api, "port": api_ports[0]})
     other = NodeProcess(tmp_path / "receiver-2", port=free_port(),
                         destinations={"pacs": (storescp.aet, storescp.host, storescp.port)},
                         config={"state": node.config["state"], "queue": node.config["queue"],
-                                "analyses": node.config["analyses"]})
+                                "analyses": node.config["analyses"], "api": {**api, "port": api_ports[1]}})
     other.start()
     try:
         (study,) = distinct_studies(tmp_path / "studies", 1)
@@ -317,9 +354,14 @@ def test_two_receivers_one_ledger_complete_a_study_once(
         run_storescu(files, other.port, called_aet="DICOMNODE")  # resent after a failover
         time.sleep(4.0)  # two quiet periods and a few scheduling rounds on both receivers
         (job,) = node.ledger().job_rows()
-        assert job.state == "done" and job.generation == 1
+        assert job.state == "done" and job.generation == 1 and job.attempts == 1
         assert node.ledger().counts().instances == 32
     finally:
         other.stop(timeout_s=30)
+    log = workers[0].log_text()
+    assert f"job {job.uid}: 32 instance(s) fetched from {urls[0]} (16), {urls[1]} (16) and verified" in log
+    assert f"job {job.uid}: receiving node {down} skipped: cannot reach" in log
+    assert len(list((node.data_dir / "results" / job.uid).glob("*.dcm"))) == 3  # uploaded to the first
+    assert not (other.data_dir / "results" / job.uid).exists()
     sops = Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in storescp.received())
     assert len(sops) == 3 and set(sops.values()) == {1}

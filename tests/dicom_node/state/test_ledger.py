@@ -253,17 +253,23 @@ def test_schema_4_ledger_gains_expected_instances(tmp_path: Path) -> None:
     assert study is not None and study.completed_at == 3.0 and study.generation == 1
 
 
-def test_source_cursor_on_fresh_and_existing_ledgers(tmp_path: Path) -> None:
+def test_source_cursors_move_forward_and_survive_a_restart(open_again: OpenLedger) -> None:
+    first, second = open_again(), open_again()  # two receivers pulling from one ledger
+    assert first.source_cursor("pacs") is None
+    first.set_source_cursor("pacs", 12, 1.0)
+    first.set_source_cursor("pacs", 15, 2.0)
+    assert first.source_cursor("pacs") == 15 and first.source_cursor("other") is None
+    assert second.source_cursor("pacs") == 15
+    second.set_source_cursor("other", 4, 3.0)
+    assert first.source_cursor("other") == 4
+    first.close()
+    assert open_again().source_cursor("pacs") == 15  # durable: as after a restart
+
+
+def test_source_cursor_on_a_ledger_older_than_its_table(tmp_path: Path) -> None:
     import sqlite3
 
     from dicom_node.state.schema import SCHEMA
-
-    fresh = SqliteLedger(tmp_path / "fresh.sqlite3")
-    assert fresh.source_cursor("pacs") is None
-    fresh.set_source_cursor("pacs", 12, 1.0)
-    fresh.set_source_cursor("pacs", 15, 2.0)
-    assert fresh.source_cursor("pacs") == 15 and fresh.source_cursor("other") is None
-    assert SqliteLedger(tmp_path / "fresh.sqlite3").source_cursor("pacs") == 15  # durable
 
     path = tmp_path / "old.sqlite3"  # a version 5 ledger, without the table
     db = sqlite3.connect(path)
