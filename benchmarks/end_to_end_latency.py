@@ -8,7 +8,8 @@ in the same run. Not part of the test suite. From the repository root:
     .venv/bin/python -m benchmarks.end_to_end_latency [--runs 10] [--quiet-period 0.5]
 
 With ``--shipped push`` or ``--shipped pull`` it measures the shipped defaults instead: Orthanc
-from orthanc/orthanc.json (StableAge as shipped; autoroute.lua for push, no script for pull),
+from its shipped configuration (orthanc/orthanc.json with autoroute.lua for push,
+orthanc/orthanc-pull.json for pull; StableAge as shipped),
 the node with its default settings and Orthanc declared as a source (``mode`` push or pull), and
 the real five-series MR study (HippoCrop and four 512x512 series, new UIDs each run) stored into
 Orthanc by storescu. The clock starts when Orthanc records the study's StableStudy change (what
@@ -35,7 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deploy.local.node_process import NodeProcess  # noqa: E402
-from deploy.local.orthanc_process import OrthancProcess, free_port, run_storescu  # noqa: E402
+from deploy.local.orthanc_process import (  # noqa: E402
+    PULL_CONFIG,
+    SHIPPED_CONFIG,
+    OrthancProcess,
+    free_port,
+    run_storescu,
+)
 
 CROP = REPO / "deploy" / "demo-data" / "Study1-HippoCrop"
 STUDY1 = REPO.parent / "shared" / "data" / "hippocampus-dicom" / "Study1"
@@ -100,8 +107,9 @@ def shipped_defaults(mode: str, runs: int) -> int:
     with tempfile.TemporaryDirectory(prefix="dicom-node-e2e-") as tmp:
         root = Path(tmp)
         node_port = free_port()
-        overrides: dict[str, object] = {"Plugins": []} if mode == "push" else {"Plugins": [], "LuaScripts": []}
-        orthanc = OrthancProcess(root / "orthanc", node_port=node_port, stable_age_s=None, overrides=overrides)
+        # the shipped configuration of the mode: orthanc.json (routing script) or orthanc-pull.json
+        orthanc = OrthancProcess(root / "orthanc", node_port=node_port, stable_age_s=None,
+                                 overrides={"Plugins": []}, config_path=SHIPPED_CONFIG if mode == "push" else PULL_CONFIG)
         orthanc.start()
         node = NodeProcess(
             root / "node", port=node_port,
