@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pydicom
+import pyorthanc
 from pydicom.dataset import Dataset
 
 from dicom_node.state.ledger import LEDGER_FILE, open_ledger
@@ -129,14 +128,10 @@ def priors_from_ledger(data_dir: Path, analysis: str, patient_id: str, study_uid
     return list(priors.values())
 
 
-def _request(sources: PriorSources, path: str, body: dict[str, object] | None = None) -> bytes:
-    url = f"{(sources.pacs_url or '').rstrip('/')}{path}"
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"} if body else {})
-    with urllib.request.urlopen(request, timeout=sources.timeout_s) as response:  # noqa: S310 - configured URL
-        payload: bytes = response.read()
-    return payload
+def _client(sources: PriorSources) -> pyorthanc.Orthanc:
+    # no keep-alive: Orthanc closes idle connections after about a second (see receive/source.py)
+    return pyorthanc.Orthanc(sources.pacs_url or "", timeout=sources.timeout_s,
+                             limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def priors_from_orthanc(
@@ -152,15 +147,26 @@ def priors_from_orthanc(
         If its answer is not the JSON expected.
     """
     query: dict[str, object] = {"Level": "Instance", "Query": {"PatientID": patient_id, "Modality": "SR"}}
+    client = _client(sources)
     try:
-        ids = json.loads(_request(sources, "/tools/find", query))
-    except urllib.error.HTTPError as exc:
-        raise OSError(f"/tools/find answered {exc.code}") from None
-    if not isinstance(ids, list):
-        raise ValueError("/tools/find did not return a list")
+        ids = client.post_tools_find(json=query)
+        if not isinstance(ids, list):
+            raise ValueError("/tools/find did not return a list")
+        files = []
+        for instance_id in ids:
+            data = client.get_instances_id_file(str(instance_id))
+            if not isinstance(data, bytes):
+                raise ValueError(f"/instances/{instance_id}/file did not return a file")
+            files.append(data)
+    except httpx.HTTPStatusError as exc:
+        raise OSError(f"{exc.request.url.path} answered {exc.response.status_code}") from None
+    except httpx.HTTPError as exc:
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        client.close()
     priors: dict[str, PriorResult] = {}
-    for instance_id in ids:
-        ds = pydicom.dcmread(io.BytesIO(_request(sources, f"/instances/{instance_id}/file")))
+    for data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
         if str(ds.get("StudyInstanceUID", "")) == study_uid:
             continue
         if str(ds.get("Manufacturer", "")) != sources.manufacturer:
