@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, Unpack
 
 import pytest
 
-from deploy.local.orthanc_process import OrthancProcess, StoreScpProcess
+from deploy.local.node_process import NodeProcess
+from deploy.local.orthanc_process import OrthancProcess, StoreScpProcess, free_port
 from dicom_node.config import dump_toml
 from tests.conftest import REPO
 from tests.postgres import Cluster
@@ -120,3 +121,21 @@ def postgres_state(
     assert done.returncode == 0, done.stderr
     assert "created at schema version" in done.stdout
     return state
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Make nodes (``NodeProcess`` arguments, a free port by default); stop each afterwards and
+    print the end of its log, which pytest shows for a failed test."""
+    nodes: list[NodeProcess] = []
+
+    def make(**kwargs: Any) -> NodeProcess:
+        kwargs.setdefault("port", free_port())
+        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **kwargs)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop(timeout_s=30)
+        print(f"----- {node.log_file} -----\n{node.log_text()[-6000:]}")

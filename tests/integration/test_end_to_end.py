@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +29,6 @@ STUDY1 = HIPPO_DICOM / "Study1"
 CROP_SERIES = STUDY1 / "13_HCropVolume"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
-
-@pytest.fixture
-def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
-    nodes: list[NodeProcess] = []
-
-    def make(**kwargs: Any) -> NodeProcess:
-        kwargs.setdefault("port", free_port())
-        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **kwargs)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop(timeout_s=30)
-        print(f"----- {node.log_file} -----\n{node.log_text()[-6000:]}")
 
 
 def study_results(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[dict[str, Any]]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +12,13 @@ import pydicom
 import pytest
 
 from deploy.local.node_process import NodeProcess
-from deploy.local.orthanc_process import StoreScpProcess, free_port, run_storescu, wait_until
+from deploy.local.orthanc_process import StoreScpProcess, run_storescu, wait_until
 from tests.conftest import HIPPO_DICOM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CROP_SERIES = HIPPO_DICOM / "Study1" / "13_HCropVolume"
 
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    nodes: list[NodeProcess] = []
-
-    def make(**kwargs: Any) -> NodeProcess:
-        kwargs.setdefault("port", free_port())
-        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **kwargs)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop(timeout_s=30)
-        print(f"----- {node.log_file} -----\n{node.log_text()[-6000:]}")
 
 
 def test_kill_while_job_runs_then_restart_delivers_once(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -26,20 +25,6 @@ CROP1 = HIPPO_DICOM / "Study1" / "13_HCropVolume"
 CROP2 = HIPPO_DICOM / "Study2" / "14_HCropVolume"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    nodes: list[NodeProcess] = []
-
-    def make(**kwargs: Any) -> NodeProcess:
-        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **kwargs)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop(timeout_s=30)
-        print(f"----- {node.log_file} -----\n{node.log_text()[-6000:]}")
 
 
 def result_file(orthanc: OrthancProcess, study_uid: str, kind: str) -> Dataset:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,6 @@ CROP_SERIES = STUDY1 / "13_HCropVolume"
 QUIET_PERIOD_S = 4.0
 """Long enough that a study completed by the quiet period cannot pass for one completed by the source."""
 
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    nodes: list[NodeProcess] = []
-
-    def make(**kwargs: Any) -> NodeProcess:
-        kwargs.setdefault("port", free_port())
-        node = NodeProcess(tmp_path / f"node-{len(nodes)}", **kwargs)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop(timeout_s=30)
-        print(f"----- {node.log_file} -----\n{node.log_text()[-6000:]}")
 
 
 def study_uid() -> str:
