@@ -116,26 +116,11 @@ class NodeProcess:
         if self._ledger is not None:
             self._ledger.close()  # a PostgreSQL ledger holds a pool of connections
             self._ledger = None
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=10)
+        return terminate(self.process, timeout_s)
 
     def kill(self) -> None:
         """``kill -9`` the node and its workers, as a power cut would."""
-        if self.process is not None and self.process.poll() is None:
-            children = _children(self.process.pid)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            for pid in children:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_tree(self.process)
 
     def log_text(self) -> str:
         """Everything the node has logged so far, across restarts."""
@@ -159,6 +144,31 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+
+def terminate(process: subprocess.Popen[bytes] | None, timeout_s: float) -> int | None:
+    """SIGTERM ``process``, SIGKILL it after ``timeout_s``; return its exit code (``None``: never started)."""
+    if process is None or process.poll() is not None:
+        return None if process is None else process.returncode
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout=10)
+
+
+def kill_tree(process: subprocess.Popen[bytes] | None) -> None:
+    """``kill -9`` ``process`` and its children, as a power cut would."""
+    if process is not None and process.poll() is None:
+        children = _children(process.pid)
+        process.kill()
+        process.wait(timeout=10)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 def _children(pid: int) -> list[int]:
     """Return the pids of a process' children (its workers), read from /proc."""

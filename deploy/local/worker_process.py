@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.local.node_process import REPO_ROOT, _children
+from deploy.local.node_process import REPO_ROOT, kill_tree
 
 
 class WorkerProcess:
@@ -71,15 +71,7 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """``kill -9`` the worker and its model process, as a host that vanishes would."""
-        if self.process is not None and self.process.poll() is None:
-            children = _children(self.process.pid)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            for pid in children:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_tree(self.process)
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM (the current job finishes), kill after ``timeout_s``; return the exit code."""
