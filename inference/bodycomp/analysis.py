@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 AXIAL_AXCODES = ("S", "P", "L")
 
 CLASSICAL_METHOD = "classical HU thresholds"
+#: What the classical path leaves out of skeletal muscle, said wherever its method is shown, so
+#: that a muscle area is not read as the whole skeletal muscle area of the slice.
+CLASSICAL_LIMITS = "psoas not included in skeletal muscle"
 DEEP_LEARNING_METHOD = "deep learning"
 MIXED_METHOD = "deep learning and classical"
 
@@ -420,7 +423,9 @@ class BodyCompositionAnalysis:
             title="Body composition",
             model_name=self.model_name,
             model_version=self.model_version,
-            method=f"{path} (levels: {finding.method}; segmentation: {' and '.join(segmentation)})",
+            method=f"{path} (levels: {finding.method}; segmentation: "
+            + " and ".join(f"{s}, {CLASSICAL_LIMITS}" if s == CLASSICAL_METHOD else s for s in segmentation)
+            + ")",
             structures=tuple(self.structures[label] for label in sorted(used_labels)),
             measurements=tuple(measurements),
             label_map=source_labels,

@@ -68,6 +68,7 @@ def test_ct_study_gets_body_composition_results(
         assert "modality CT is not MR" in jobs["hippocampus"].reason
         summary = jobs["body-composition"].summary
         assert summary["method"].startswith("classical HU thresholds")
+        assert "psoas not included in skeletal muscle" in summary["method"]
         areas = {m["structure"]: m["value"] for m in summary["measurements"] if m["unit"] == "cm2"}
         assert set(areas) == {"Skeletal muscle", "Subcutaneous fat", "Visceral fat"}
         # the classical path on this CT at L3 (README): muscle ~121, fat ~206 and ~136 cm2
