@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 AXIAL_AXCODES = ("S", "P", "L")
 
 CLASSICAL_METHOD = "classical HU thresholds"
-#: What the classical path leaves out of skeletal muscle, said wherever its method is shown, so
-#: that a muscle area is not read as the whole skeletal muscle area of the slice.
-CLASSICAL_LIMITS = "psoas not included in skeletal muscle"
+#: Where the classical path's skeletal muscle is incomplete, said wherever its method is shown,
+#: so that a muscle area there is not read as the whole skeletal muscle area of the slice.
+CLASSICAL_LIMITS = "psoas measured beside a vertebral body, not at a disc level"
 DEEP_LEARNING_METHOD = "deep learning"
 MIXED_METHOD = "deep learning and classical"
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage, signal
+from scipy.spatial import ConvexHull
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,22 @@ GAS_HU = -250.0
 GAS_MARGIN_MM = 3.0
 #: Smaller pieces of fat-range pixels in the cavity are noise or bowel contents, not visceral fat.
 MIN_VISCERAL_MM2 = 20.0
+
+#: The psoas lies in the cavity against the side of the vertebral body: tissue in the muscle
+#: window there is grown into it from within ``PSOAS_SEED_MM`` of the vertebra, after cutting
+#: bridges thinner than ``PSOAS_OPEN_MM`` (to the kidney, a crus or bowel); a piece larger than
+#: ``PSOAS_MAX_MM2`` (one psoas is well under 25 cm² even at L4-L5 in large adults), centred
+#: farther than ``PSOAS_REACH_MM`` from the vertebral body or in front of it, is something else.
+PSOAS_SEED_MM = 4.5
+PSOAS_OPEN_MM = 3.0
+PSOAS_MAX_MM2 = 2500.0
+PSOAS_REACH_MM = 60.0
+PSOAS_MIN_LATERAL_MM = 15.0
+PSOAS_WINDOW_MARGIN_MM = 40.0
+#: The vertebra that no psoas enters: body, canal and laminae, this wide and deep from the
+#: anterior cortex (lumbar bodies are 40-50 mm wide and 30-35 mm deep).
+VERTEBRA_HALF_WIDTH_MM = 27.0
+VERTEBRA_DEPTH_MM = 60.0
 
 #: Spine search: half-width of the midline band and the vertebral body box, in millimetres.
 SPINE_BAND_MM = 20.0
@@ -211,7 +228,7 @@ def segment_slice(
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
     edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
     liver), less bone edges and costal cartilage (pixels above ``SKELETON_EDGE_HU`` joined to
-    bone); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
+    bone), and the psoas beside the vertebral body (:func:`psoas_mask`); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
     inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
     subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
     pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
@@ -225,7 +242,7 @@ def segment_slice(
     spacing_mm
         Row and column spacing in millimetres.
     thoracic
-        No visceral class (fat inside the wall stays 0).
+        No visceral class (fat inside the wall stays 0) and no psoas.
 
     Returns
     -------
@@ -247,6 +264,9 @@ def segment_slice(
     dense, _ = ndimage.label(body & (hu > SKELETON_EDGE_HU))
     skeleton = np.unique(dense[hu > BONE_HU])
     muscle &= ~np.isin(dense, skeleton[skeleton > 0])
+    if not thoracic:
+        in_window = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & ~np.isin(dense, skeleton[skeleton > 0])
+        muscle |= psoas_mask(hu, body, in_window & (radius < inner) & ~muscle, spacing_mm)
     labels[muscle] = MUSCLE
     # the body's outermost pixels are skin (partial volume with air), not fat
     subcutaneous = fat & (radius > outer) & ndimage.binary_erosion(body)
@@ -300,6 +320,117 @@ class SpineTrack:
         return self.levels.get(level)
 
 
+def _spine_band(body: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+    """Where the vertebra lies on an axial slice: a band ``SPINE_BAND_MM`` either side of the
+    body's midline, from 10 mm in front of its centroid backwards (rows anterior to posterior)."""
+    sy, sx = spacing_mm
+    ys, xs = np.nonzero(body)
+    rows, cols = np.indices(body.shape)
+    return np.asarray((np.abs(cols - xs.mean()) * sx < SPINE_BAND_MM) & (rows > ys.mean() - 10.0 / sy))
+
+
+def _vertebra(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray | None:
+    """The vertebra on one axial slice, within the spine band: the bone component (3 mm gaps
+    closed, so that a fragmented cortex is one piece) with most pixels in the band; ``None``
+    when it has under 1 cm² there."""
+    sy, sx = spacing_mm
+    closed = ndimage.binary_closing(body & (hu > BONE_HU), structure=_disk((3.0 / sy, 3.0 / sx))) & body
+    components, count = ndimage.label(closed)
+    if count == 0:
+        return None
+    in_band = _spine_band(body, spacing_mm)
+    band_counts = np.bincount(components[in_band], minlength=count + 1)
+    band_counts[0] = 0
+    best = int(np.argmax(band_counts))
+    if band_counts[best] * sy * sx < 100.0:
+        return None
+    return np.asarray((components == best) & in_band)
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The pixels inside the convex hull of ``mask`` (``mask`` itself when it has no area)."""
+    points = np.argwhere(mask)
+    if len(points) < 3 or np.linalg.matrix_rank(points - points.mean(axis=0)) < 2:
+        return mask.astype(bool)
+    (top, left), (bottom, right) = points.min(axis=0), points.max(axis=0) + 1
+    grid = np.indices((bottom - top, right - left)).reshape(2, -1).T + (top, left)
+    hull = mask.astype(bool)
+    planes = ConvexHull(points).equations  # inside: normal . point + offset <= 0 for every facet
+    inside = np.all(grid @ planes[:, :2].T + planes[:, 2] <= 1e-6, axis=1)
+    hull[top:bottom, left:right] |= inside.reshape(bottom - top, right - left)
+    return hull
+
+
+def psoas_mask(hu: np.ndarray, body: np.ndarray, candidates: np.ndarray,
+               spacing_mm: tuple[float, float]) -> np.ndarray:
+    """Find the psoas muscles on one axial slice among ``candidates``.
+
+    The vertebral body's anterior cortex is the front of the bone in the spine band
+    (:func:`_spine_band`); the vertebra is the convex hull of the bone within
+    ``VERTEBRA_HALF_WIDTH_MM`` of its midline and ``VERTEBRA_DEPTH_MM`` behind that front, so
+    that its marrow and canal (both in the muscle window) are never taken. Candidates outside it
+    are opened with a ``PSOAS_OPEN_MM`` disc; a piece that lies within ``PSOAS_SEED_MM`` of the
+    vertebra, is under ``PSOAS_MAX_MM2``, centred within ``PSOAS_REACH_MM`` of the vertebral
+    body and not in front of it is psoas, with the candidate pixels the opening took off its edge.
+
+    Limits: at a disc level (no bony ring) nothing is found; a diaphragmatic crus lying against
+    the psoas at T12-L2 is taken with it; a psoas fused to the kidney or bowel by a bridge
+    thicker than the opening is refused whole (then left out, never over-grown).
+
+    Parameters
+    ----------
+    hu, body
+        One axial slice in HU and its body mask, rows anterior to posterior.
+    candidates
+        Pixels that may be psoas: in the muscle window, inside the abdominal wall, not yet muscle.
+    spacing_mm
+        Row and column spacing.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the psoas (both sides); empty when no vertebra is found.
+    """
+    sy, sx = spacing_mm
+    found = np.zeros(hu.shape, dtype=bool)
+    by, bx = np.nonzero(body & (hu > BONE_HU) & _spine_band(body, spacing_mm))
+    if by.size * sy * sx < 100.0:  # no vertebra (1 cm² of bone) in the band
+        return found
+    front = float(np.percentile(by, 2))
+    mid = float(np.median(bx[by <= front + 15.0 / sy]))
+    body_centre = (front + BODY_CENTRE_DEPTH_MM / sy, mid)
+    # Work in a window around the vertebral body that holds any psoas: a piece reaching its
+    # edge extends beyond where a psoas can be and is refused.
+    half = (PSOAS_REACH_MM + PSOAS_WINDOW_MARGIN_MM) / sy, (PSOAS_REACH_MM + PSOAS_WINDOW_MARGIN_MM) / sx
+    window = (slice(max(0, int(body_centre[0] - half[0])), int(body_centre[0] + half[0]) + 1),
+              slice(max(0, int(body_centre[1] - half[1])), int(body_centre[1] + half[1]) + 1))
+    hu_w, body_w, candidates_w = hu[window], body[window], candidates[window]
+    rows, cols = np.indices(hu_w.shape)
+    rows, cols = rows + window[0].start, cols + window[1].start
+    near_midline = (np.abs(cols - mid) * sx < VERTEBRA_HALF_WIDTH_MM) & (rows >= front)
+    vertebra = _convex_hull(body_w & (hu_w > BONE_HU) & near_midline & (rows <= front + VERTEBRA_DEPTH_MM / sy))
+    vertebra = ndimage.binary_dilation(vertebra)
+    candidates_w = candidates_w & ~vertebra
+    disc = _disk((PSOAS_OPEN_MM / sy, PSOAS_OPEN_MM / sx))
+    opened = ndimage.binary_opening(candidates_w, structure=disc)
+    beside = ndimage.binary_dilation(vertebra, structure=_disk((PSOAS_SEED_MM / sy, PSOAS_SEED_MM / sx)))
+    pieces, _ = ndimage.label(opened)
+    edge = np.unique(np.concatenate([pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]]))
+    keep = []
+    for label in np.unique(pieces[beside & opened]):
+        if label == 0 or label in edge:
+            continue
+        py, px = np.nonzero(pieces == label)
+        py, px = py + window[0].start, px + window[1].start
+        reach = float(np.hypot((py.mean() - body_centre[0]) * sy, (px.mean() - body_centre[1]) * sx))
+        lateral = abs(px.mean() - mid) * sx
+        if (py.size * sy * sx <= PSOAS_MAX_MM2 and reach <= PSOAS_REACH_MM and py.mean() >= front
+                and lateral >= PSOAS_MIN_LATERAL_MM):
+            keep.append(label)
+    if keep:
+        found[window] = ndimage.binary_dilation(np.isin(pieces, keep), structure=disc) & candidates_w
+    return found
+
 def _track_spine(
     stack: np.ndarray, spacing_mm: tuple[float, float, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -315,23 +446,13 @@ def _track_spine(
         body = body_mask(hu, (sy, sx))
         if np.count_nonzero(body) < 100:
             continue
-        ys, xs = np.nonzero(body)
-        cy, cx = ys.mean(), xs.mean()
+        cx = np.nonzero(body)[1].mean()
         bone = body & (hu > BONE_HU)
-        rows, cols = np.indices(hu.shape)
+        cols = np.indices(hu.shape)[1]
         lateral[k] = np.count_nonzero(bone & (np.abs(cols - cx) * sx > LATERAL_BONE_MM)) * pixel_cm2
-        # Close 3 mm gaps so that a vertebra's fragmented cortex (partial volume) is one piece.
-        closed = ndimage.binary_closing(bone, structure=_disk((3.0 / sy, 3.0 / sx))) & body
-        components, count = ndimage.label(closed)
-        if count == 0:
+        vertebra = _vertebra(hu, body, (sy, sx))
+        if vertebra is None:
             continue
-        in_band = (np.abs(cols - cx) * sx < SPINE_BAND_MM) & (rows > cy - 10.0 / sy)
-        band_counts = np.bincount(components[in_band], minlength=count + 1)
-        band_counts[0] = 0
-        best = int(np.argmax(band_counts))
-        if band_counts[best] * pixel_cm2 < 1.0:
-            continue
-        vertebra = (components == best) & in_band
         vy, vx = np.nonzero(vertebra)
         centre[k] = (np.percentile(vy, 5) + BODY_CENTRE_DEPTH_MM / sy, vx.mean())
     return centre, lateral, np.isfinite(centre[:, 0])

@@ -32,21 +32,40 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * overlap / max(1, total)
 
 
-def test_compartments_agree_with_totalsegmentator_tissue_masks() -> None:
-    stack = axial_stack("example_ct_sm.nii.gz")
-    labels = np.stack([classical.segment_slice(s, (3.0, 3.0)) for s in stack])
+@pytest.fixture(scope="module")
+def sm_labels() -> np.ndarray:
+    """The classical labels of every slice of example_ct_sm (3 mm pixels)."""
+    return np.stack([classical.segment_slice(s, (3.0, 3.0)) for s in axial_stack("example_ct_sm.nii.gz")])
+
+
+def test_compartments_agree_with_totalsegmentator_tissue_masks(sm_labels: np.ndarray) -> None:
     reference = {
         classical.MUSCLE: axial_stack("tissue_types_on_ct_sm/skeletal_muscle.nii.gz") > 0,
         classical.SUBCUTANEOUS_FAT: axial_stack("tissue_types_on_ct_sm/subcutaneous_fat.nii.gz") > 0,
         classical.VISCERAL_FAT: axial_stack("tissue_types_on_ct_sm/torso_fat.nii.gz") > 0,
     }
-    scores = {label: dice(labels == label, mask) for label, mask in reference.items()}
+    scores = {label: dice(sm_labels == label, mask) for label, mask in reference.items()}
     print("Dice", scores)
-    # Measured 0.866 / 0.927 / 0.856 (README). Fat meets the targets (0.90 subcutaneous, 0.85
+    # Measured 0.868 / 0.927 / 0.856 (README). Fat meets the targets (0.90 subcutaneous, 0.85
     # visceral); muscle does not reach its 0.90 yet and is guarded against regressions.
     assert scores[classical.SUBCUTANEOUS_FAT] >= 0.90
     assert scores[classical.VISCERAL_FAT] >= 0.85
-    assert scores[classical.MUSCLE] > 0.85
+    assert scores[classical.MUSCLE] > 0.86
+
+
+def test_psoas_is_muscle_and_the_vertebra_is_not(sm_labels: np.ndarray) -> None:
+    totalseg = np.rint(axial_stack("totalseg_fast_on_ct_sm.nii.gz")).astype(np.uint8)
+    muscle = sm_labels == classical.MUSCLE
+    iliopsoas = np.isin(totalseg, [88, 89])  # TotalSegmentator v2: iliopsoas left, right
+    # vertebrae C1..S1 (v2 ids 26-50) and the spinal cord (79): marrow and canal contents lie in
+    # the muscle window and must not be taken for the psoas beside them
+    spine = np.isin(totalseg, list(range(26, 51)) + [79])
+    covered = np.count_nonzero(muscle & iliopsoas) / np.count_nonzero(iliopsoas)
+    print("iliopsoas covered", covered, "muscle pixels in the spine", np.count_nonzero(muscle & spine))
+    assert covered >= 0.55  # measured 0.659 (0.250 before the psoas was looked for)
+    # measured 84 pixels, all at the edges of the back muscles against the arches (partial
+    # volume), the same number as before the psoas was looked for
+    assert np.count_nonzero(muscle & spine) <= 100
 
 
 def test_thoracic_mode_has_no_visceral_class() -> None:
