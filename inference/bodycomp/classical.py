@@ -155,8 +155,10 @@ class WallProfile:
 def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float]) -> WallProfile:
     """Find the muscle wall along rays cast from the body centroid.
 
-    Walking inwards from the skin on each ray: the first fat within ``MAX_SKIN_TO_FAT_MM``
-    starts the subcutaneous layer, the first dense run (> -30 HU, at least ``MIN_RUN_MM``)
+    Walking inwards from the skin on each ray: the first run of fat (at least ``MIN_RUN_MM``:
+    the dermis of the back is thick enough to pass for a muscle behind a sample of partial
+    volume at the skin's edge) within ``MAX_SKIN_TO_FAT_MM`` starts the subcutaneous layer,
+    the first dense run (> -30 HU, at least ``MIN_RUN_MM``)
     after it is the outer fascia; the wall ends at the next run of fat, air or bone. Both
     radii are median-filtered along the angle over ``WALL_SMOOTHING_DEG`` so that gaps in
     the wall (linea alba, hernia, septa) do not let visceral fat through.
@@ -197,7 +199,9 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
         profile = polar[a]
         fat = (profile >= ADIPOSE_HU[0]) & (profile <= ADIPOSE_HU[1])
         dense = profile > ADIPOSE_HU[1]
-        fat_start = _first_run(fat[: skin + 1], skin, 2)
+        # a run as long as a tissue run must be: the skin's edge (partial volume with air)
+        # passes through the fat window for a sample or two
+        fat_start = _first_run(fat[: skin + 1], skin, run)
         wall = None
         if fat_start is not None and skin - fat_start <= skin_gap:
             wall = _first_run(dense[: fat_start + 1], fat_start, run)
