@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
 from multiprocessing.process import BaseProcess
 
 from dicom_node.config import AnalysisSettings, WorkerSettings
@@ -205,6 +206,18 @@ class WorkerPool:
                 worker.started_at = self.clock()
                 return True
         return False
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a busy worker reports or dies, its job's time is up, or ``timeout_s`` passed.
+
+        Lets a caller wait for :meth:`collect` to have something without polling it.
+        """
+        busy = [w for w in self._workers if w.job is not None]
+        if not busy:
+            return
+        left = min(self.settings.job_timeout_s - (self.clock() - w.started_at) for w in busy)
+        ready: list[Connection | int] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+        wait_for(ready, timeout=max(0.0, min(timeout_s, left)))
 
     def collect(self) -> list[Completion]:
         """Return the jobs that finished, failed, timed out or lost their worker since last time."""

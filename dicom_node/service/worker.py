@@ -157,7 +157,7 @@ class QueueWorker:
             while not self.pool.submit(spec):  # the worker process is (re)loading its models
                 time.sleep(0.05)
             while not (done := self.pool.collect()):
-                time.sleep(0.05)
+                self.pool.wait(1.0)  # wakes as the worker process answers, not up to a poll later
             if self.receivers is not None:
                 done = [self._returned(completion) for completion in done]
             self.scheduler.finish(done)

@@ -159,38 +159,50 @@ class PostgresLedger:
 
         A new instance of a complete study opens a new generation of that study. An
         instance received again (same SOP Instance UID) changes nothing but its file.
+
+        Every instance of a study pays this, so the usual case takes two statements inside
+        the transaction: the instance and its series in one, then the study's last arrival
+        (which locks its row, as ``FOR UPDATE`` would). Only the first instance of a study,
+        or one arriving after the study was completed, takes the longer path.
         """
         with self.transaction() as db:
             row = db.execute(
-                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid,"
-                " transfer_syntax_uid, path, size_bytes, calling_ae_title, received_at, sha256)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop_instance_uid)"
+                "WITH instance AS (INSERT INTO instances (sop_instance_uid, series_uid, study_uid,"
+                " sop_class_uid, transfer_syntax_uid, path, size_bytes, calling_ae_title,"
+                " received_at, sha256) VALUES (%(sop_instance_uid)s, %(series_uid)s, %(study_uid)s,"
+                " %(instance_sop_class_uid)s, %(transfer_syntax_uid)s, %(path)s, %(size_bytes)s,"
+                " %(calling_ae_title)s, %(received_at)s, %(sha256)s) ON CONFLICT (sop_instance_uid)"
                 " DO UPDATE SET series_uid = EXCLUDED.series_uid, study_uid = EXCLUDED.study_uid,"
                 " sop_class_uid = EXCLUDED.sop_class_uid,"
                 " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid, path = EXCLUDED.path,"
                 " size_bytes = EXCLUDED.size_bytes, calling_ae_title = EXCLUDED.calling_ae_title,"
                 " received_at = EXCLUDED.received_at, sha256 = EXCLUDED.sha256"
-                " RETURNING (xmax = 0) AS inserted",  # xmax is 0 only for a fresh insert
-                (
-                    record.sop_instance_uid, record.series_uid, record.study_uid,
-                    record.sop_class_uid, record.transfer_syntax_uid, record.path,
-                    record.size_bytes, record.calling_ae_title, record.received_at, record.sha256,
-                ),
-            ).fetchone()
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, description,"
+                " RETURNING (xmax = 0) AS inserted),"  # xmax is 0 only for a fresh insert
+                " new_series AS (INSERT INTO series (series_uid, study_uid, modality, description,"
                 " sop_class_uid, manufacturer, \"rows\", \"columns\", orientation, pixel_spacing,"
                 " slice_thickness, number_of_frames, convolution_kernel) VALUES (%(series_uid)s,"
                 " %(study_uid)s, %(modality)s, %(description)s, %(sop_class_uid)s,"
                 " %(manufacturer)s, %(rows)s, %(columns)s, %(orientation)s, %(pixel_spacing)s,"
                 " %(slice_thickness)s, %(number_of_frames)s, %(convolution_kernel)s)"
-                " ON CONFLICT (series_uid) DO NOTHING",
-                {"series_uid": record.series_uid, "study_uid": record.study_uid,
-                 "convolution_kernel": "", **series},
-            )
+                " ON CONFLICT (series_uid) DO NOTHING)"
+                " SELECT inserted FROM instance",
+                {"convolution_kernel": "", **series,
+                 "sop_instance_uid": record.sop_instance_uid, "series_uid": record.series_uid,
+                 "study_uid": record.study_uid, "instance_sop_class_uid": record.sop_class_uid,
+                 "transfer_syntax_uid": record.transfer_syntax_uid, "path": record.path,
+                 "size_bytes": record.size_bytes, "calling_ae_title": record.calling_ae_title,
+                 "received_at": record.received_at, "sha256": record.sha256},
+            ).fetchone()
             if row is None or not row["inserted"]:
                 return False
             now = record.received_at
+            receiving = db.execute(
+                "UPDATE studies SET last_received_at = greatest(last_received_at, %s)"
+                " WHERE study_uid = %s AND state <> 'complete' RETURNING study_uid",
+                (now, record.study_uid),
+            ).fetchone()
+            if receiving is not None:
+                return True
             created = db.execute(
                 "INSERT INTO studies (study_uid, state, generation, first_received_at,"
                 " last_received_at, origin) VALUES (%s, 'receiving', 1, %s, %s, %s)"
@@ -218,6 +230,7 @@ class PostgresLedger:
                     (now, now, record.study_uid),
                 )
             else:
+                # completed, then opened again by another receiver since the first statement
                 db.execute(
                     "UPDATE studies SET last_received_at = greatest(last_received_at, %s)"
                     " WHERE study_uid = %s",

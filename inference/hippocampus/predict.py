@@ -172,8 +172,22 @@ def predict_labels(
     model: UNet3d, image_norm: np.ndarray, device: str, *, mirror: bool
 ) -> np.ndarray:
     """Run the network on one normalised volume and return its uint8 label map."""
-    labels = predict_probabilities(model, image_norm, device, mirror=mirror).argmax(dim=0)
-    return labels.to("cpu", torch.uint8).numpy()
+    return class_labels(predict_probabilities(model, image_norm, device, mirror=mirror))
+
+
+def class_labels(probs: torch.Tensor) -> np.ndarray:
+    """Return the uint8 label map of class probabilities ``(classes, *image)``: each voxel's most
+    probable class, the first one on a tie.
+
+    On CPU numpy finds it: ``torch.argmax`` over the leading (class) axis takes about 10 ms
+    for a 3 x 35 x 51 x 32 crop on one thread, numpy about 1 ms, with the same result (both
+    return the first maximum).
+    """
+    if probs.device.type == "cpu":
+        labels: np.ndarray = np.argmax(probs.numpy(), axis=0).astype(np.uint8)
+        return labels
+    on_cpu: np.ndarray = probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
+    return on_cpu
 
 
 class HippocampusSegmenter:
@@ -291,10 +305,7 @@ class HippocampusEnsemble:
         passes = torch.stack(
             [predict_passes(m.model, image, self._device, mirror=True) for m in self.members]
         ).sum(dim=0)
-        labels = [
-            probs.argmax(dim=0).to("cpu", torch.uint8).numpy()
-            for probs in (passes.sum(dim=0), passes[0], passes[1])
-        ]
+        labels = [class_labels(probs) for probs in (passes.sum(dim=0), passes[0], passes[1])]
         return labels[0], labels[1], labels[2]
 
 

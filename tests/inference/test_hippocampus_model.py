@@ -11,6 +11,7 @@ import torch
 from inference.hippocampus.model import DEFAULT_ARCHITECTURE, UNet3d
 from inference.hippocampus.predict import (
     HippocampusSegmenter,
+    class_labels,
     dice_per_class,
     evaluate,
     list_cases,
@@ -63,6 +64,18 @@ def test_segment_returns_uint8_labels_of_input_shape(untrained_weights: Path) ->
     assert labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 1, 2}
     assert segmenter.meta["model_name"] == "hippocampus-unet3d"
+
+
+def test_class_labels_match_torch_argmax_and_take_the_first_class_on_a_tie() -> None:
+    probs = torch.softmax(torch.from_numpy(np.random.default_rng(1).normal(size=(3, 7, 6, 5))).float(), dim=0)
+    probs[:, 0, 0, 0] = torch.tensor([0.25, 0.5, 0.5])  # a tie between classes 1 and 2
+    probs[:, 0, 0, 1] = torch.tensor([0.5, 0.5, 0.0])  # a tie between classes 0 and 1
+    view = probs.permute(0, 3, 1, 2)  # not contiguous
+    for tensor in (probs, view):
+        labels = class_labels(tensor)
+        assert labels.dtype == np.uint8
+        np.testing.assert_array_equal(labels, tensor.argmax(dim=0).to(torch.uint8).numpy())
+    assert class_labels(probs)[0, 0, 0] == 1 and class_labels(probs)[0, 0, 1] == 0
 
 
 def test_segment_rejects_non_3d_input(untrained_weights: Path) -> None:
