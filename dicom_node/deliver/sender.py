@@ -11,6 +11,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 
 from dicom_node import status
@@ -103,11 +104,16 @@ def send_files(
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
-    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in headers}
-    if len(contexts) > 128:
-        raise DeliveryFailed("more than 128 SOP class/transfer syntax pairs", retryable=False)
-    for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+    # Each file as it is stored (its own transfer syntax alone), and per SOP class the two
+    # uncompressed syntaxes a file can be converted to when the peer takes neither.
+    stored_as = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in headers}
+    sop_classes = {sop_class for sop_class, _ in stored_as}
+    if len(stored_as) + len(sop_classes) > 128:
+        raise DeliveryFailed("more than 128 presentation contexts needed", retryable=False)
+    for sop_class, syntax in sorted(stored_as):
+        ae.add_requested_context(sop_class, syntax)
+    for sop_class in sorted(sop_classes):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = associate(ae, destination)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if assoc.is_rejected:
@@ -121,10 +127,16 @@ def send_files(
         )
     if not assoc.is_established:
         raise DeliveryFailed(f"cannot connect to {where}", retryable=True)
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    # A file the peer takes in its own transfer syntax goes as it is on disk, in chunks, without
+    # being decoded and encoded again (most of the sender's CPU for a multi-megabyte result);
+    # any other is decoded and converted by pynetdicom.
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     stored = []
     try:
         for path, ds in headers:
-            rsp = assoc.send_c_store(path)
+            as_stored = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) in accepted
+            rsp = assoc.send_c_store(path if as_stored else pydicom.dcmread(path))
             code = getattr(rsp, "Status", None)
             if code is None:
                 raise DeliveryFailed(

@@ -19,6 +19,8 @@ def _problems() -> tuple[str, ...]:
     problems: list[str] = []
     if not isinstance(getattr(pynetdicom_config, "LOG_HANDLER_LEVEL", None), str):
         problems.append("pynetdicom._config.LOG_HANDLER_LEVEL is gone")
+    if not isinstance(getattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", None), bool):
+        problems.append("pynetdicom._config.STORE_SEND_CHUNKED_DATASET (sending files as stored) is gone")
     try:
         assoc = Association(AE(), "requestor")  # never started: no socket, no thread
     except (AttributeError, TypeError) as exc:

@@ -59,6 +59,7 @@ def test_a_removed_instance_attribute_stops_the_start(
 @pytest.mark.parametrize(("owner", "attribute", "named"), [
     (ACSE, "send_reject", "ACSE.send_reject"),
     (pynetdicom_config, "LOG_HANDLER_LEVEL", "pynetdicom._config.LOG_HANDLER_LEVEL"),
+    (pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", "pynetdicom._config.STORE_SEND_CHUNKED_DATASET"),
 ])
 def test_a_removed_method_or_setting_stops_the_start(
     monkeypatch: pytest.MonkeyPatch, owner: object, attribute: str, named: str

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.config import GroupingSettings
-from dicom_node.schedule.grouper import StudyTracker
+from dicom_node.schedule.grouper import DUE_CHECK_INTERVAL_S, StudyTracker
 from dicom_node.state.records import InstanceRecord
 from dicom_node.state.sqlite import SqliteLedger
 from inference.base import SeriesRule
@@ -43,6 +43,20 @@ def test_study_completes_after_quiet_period(tmp_path: Path, clock: FakeClock) ->
     clock.advance(0.2)
     assert len(grouper.tick()) == 1
     assert grouper.tick() == []
+
+
+def test_ticks_in_quick_succession_ask_the_ledger_for_due_studies_once(tmp_path: Path, clock: FakeClock) -> None:
+    # the loop ticks on every stored instance; the due studies are looked up at most every
+    # DUE_CHECK_INTERVAL_S, so a study that became due just after a lookup waits that long
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    grouper = tracker(ledger, clock)
+    receive(ledger, clock, 3)  # the last instance 0.1 s ago
+    clock.advance(4.88)
+    assert grouper.tick() == []  # quiet for 4.98 s
+    clock.advance(0.6 * DUE_CHECK_INTERVAL_S)  # due now, but the last lookup was just made
+    assert grouper.tick() == []
+    clock.advance(0.6 * DUE_CHECK_INTERVAL_S)
+    assert len(grouper.tick()) == 1
 
 
 def test_max_wait_completes_a_study_that_keeps_receiving(tmp_path: Path, clock: FakeClock) -> None:
