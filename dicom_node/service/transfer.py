@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from dicom_node.receive.spool import Spool, fsync_dir
+from dicom_node.receive.spool import Spool, fsync_dir, is_valid_uid
 from dicom_node.state.ledger import Ledger
 from dicom_node.state.records import JobRecord, ManifestEntry
 
@@ -78,14 +78,21 @@ def add_transfer_routes(app: FastAPI, ledger: Ledger, spool: Spool, results_dir:
 
     @app.get("/transfer/jobs/{uid}/instances/{sop_instance_uid}", dependencies=[Depends(authorised)])
     def instance(uid: str, sop_instance_uid: str) -> FileResponse:
-        """One instance file of the job's series, streamed as stored in this node's spool."""
+        """One instance file of the job's series, streamed as stored in this node's spool.
+
+        The spool keeps each instance under its study and series, so a file at the job's
+        series path is one of its instances, served without reading the series' manifest (a
+        read per instance grew with the square of the series); the worker checks every file
+        against the manifest it fetched once. Only a miss reads it, to answer 410 (in the
+        series, not in this spool) or 404 (not in the series).
+        """
         job = running(uid)
-        for entry in ledger.manifest(job.series_uid or ""):
-            if entry.sop_instance_uid == sop_instance_uid:
-                path = local_path(job, entry)
-                if not path.is_file():
-                    raise HTTPException(410, f"instance {sop_instance_uid} is not in this node's spool")
+        if is_valid_uid(sop_instance_uid):
+            path = spool.path_for(job.study_uid, job.series_uid or "", sop_instance_uid)
+            if path.is_file():
                 return FileResponse(path, media_type="application/dicom")
+            if any(entry.sop_instance_uid == sop_instance_uid for entry in ledger.manifest(job.series_uid or "")):
+                raise HTTPException(410, f"instance {sop_instance_uid} is not in this node's spool")
         raise HTTPException(404, f"instance {sop_instance_uid} is not in job {uid}'s series")
 
     @app.put("/transfer/jobs/{uid}/results/{name}", status_code=201, dependencies=[Depends(authorised)])

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import time
 from collections import Counter
@@ -279,7 +280,27 @@ def test_an_instance_that_changed_after_receipt_fails_its_job(
     run_storescu(distinct_studies(tmp_path / "studies", 1), node.port, called_aet="DICOMNODE")
     wait_until(lambda: [j.state for j in node.ledger().job_rows()] == ["queued"], deadline_s=60,
                what="the job queued")
-    victim = sorted((node.data_dir / "spool").glob("*/*/*.dcm"))[5]
+    spooled = sorted((node.data_dir / "spool").glob("*/*/*.dcm"))
+    (job,) = node.ledger().job_rows()
+
+    def get(sop_instance_uid: str) -> tuple[int, bytes]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{api_port}/transfer/jobs/{job.uid}/instances/{sop_instance_uid}",
+            headers={"Authorization": "Bearer s3cret-token"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, b""
+
+    assert get(spooled[0].stem) == (200, spooled[0].read_bytes())  # streamed as stored
+    assert get("1.2.3.4")[0] == 404  # not in the job's series
+    assert get("..%2F..%2F..%2Fnode.toml")[0] == 404  # never a path outside the spool
+    hidden = spooled[1].with_suffix(".away")
+    spooled[1].rename(hidden)
+    assert get(spooled[1].stem)[0] == 410  # in the series, but not in this node's spool
+    hidden.rename(spooled[1])
+    victim = spooled[5]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     victim.write_bytes(bytes(data))
