@@ -158,8 +158,8 @@ def find_wall(hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float])
     Walking inwards from the skin on each ray: the first run of fat (at least ``MIN_RUN_MM``:
     the dermis of the back is thick enough to pass for a muscle behind a sample of partial
     volume at the skin's edge) within ``MAX_SKIN_TO_FAT_MM`` starts the subcutaneous layer,
-    the first dense run (> -30 HU, at least ``MIN_RUN_MM``)
-    after it is the outer fascia; the wall ends at the next run of fat, air or bone. Both
+    the first dense run (> -30 HU, at least ``MIN_RUN_MM``) after it is the outer fascia; the
+    wall ends at the next run of fat, air or bone. Both
     radii are median-filtered along the angle over ``WALL_SMOOTHING_DEG`` so that gaps in
     the wall (linea alba, hernia, septa) do not let visceral fat through.
 
@@ -232,8 +232,8 @@ def segment_slice(
     Muscle is -29..150 HU within the muscle wall (between its outer fascia and its inner
     edge, which ends at fat, gas, bone or, anterolaterally, at denser organs such as the
     liver), less bone edges and costal cartilage (pixels above ``SKELETON_EDGE_HU`` joined to
-    bone), and the psoas beside the vertebral body (:func:`psoas_mask`); adipose tissue is -190..-30 HU, subcutaneous outside the outer fascia, visceral
-    inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
+    bone), and the psoas beside the vertebral body (:func:`psoas_mask`); adipose tissue is
+    -190..-30 HU, subcutaneous outside the outer fascia, visceral inside the inner edge. Fat within the wall is subcutaneous where it is continuous with the
     subcutaneous layer and unlabelled where enclosed (intermuscular); the body's outermost
     pixels (skin) are not fat; fat-range pixels next to gas in the cavity (bowel contents) and
     pieces under ``MIN_VISCERAL_MM2`` are not visceral fat.
@@ -267,9 +267,10 @@ def segment_slice(
     muscle = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & (radius <= outer) & (radius >= inner)
     dense, _ = ndimage.label(body & (hu > SKELETON_EDGE_HU))
     skeleton = np.unique(dense[hu > BONE_HU])
-    muscle &= ~np.isin(dense, skeleton[skeleton > 0])
+    not_bone = ~np.isin(dense, skeleton[skeleton > 0])
+    muscle &= not_bone
     if not thoracic:
-        in_window = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & ~np.isin(dense, skeleton[skeleton > 0])
+        in_window = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]) & not_bone
         muscle |= psoas_mask(hu, body, in_window & (radius < inner) & ~muscle, spacing_mm)
     labels[muscle] = MUSCLE
     # the body's outermost pixels are skin (partial volume with air), not fat
@@ -434,6 +435,7 @@ def psoas_mask(hu: np.ndarray, body: np.ndarray, candidates: np.ndarray,
     if keep:
         found[window] = ndimage.binary_dilation(np.isin(pieces, keep), structure=disc) & candidates_w
     return found
+
 
 def _track_spine(
     stack: np.ndarray, spacing_mm: tuple[float, float, float]
