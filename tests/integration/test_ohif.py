@@ -155,7 +155,7 @@ def run_browser(stack: LocalStack) -> dict[str, Any]:
     print(f"browser run {time.monotonic() - started:.1f} s; screenshots in {ARTIFACTS}\n{run.stderr[-4000:]}")
     assert run.returncode == 0, run.stderr[-4000:]
     result: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps(result["timings_ms"]))
+    print(json.dumps(result["timings_ms"]), f"segment statistics after {result.get('seg_stats_hovers')} re-hovers")
     return result
 
 

@@ -97,10 +97,19 @@ async function main() {
     result.seg_panel = text(await page.locator('body').innerText());
     await page.screenshot({ path: path.join(outDir, 'ohif_seg.png') });
     // The segment's centre: OHIF jumps there when the segment is clicked in the panel.
-    await page.getByText('Hippocampus anterior').first().click();
-    // OHIF computes the segment's statistics after the jump; wait for them (slow on a busy CPU).
-    await page.waitForFunction(() => /Hippocampus anterior[\s\S]*?Volume\s*[\d,.]+\s*mm/.test(document.body.innerText),
-      null, { timeout: 60000 }).catch(() => {});
+    const anterior = page.getByText('Hippocampus anterior').first();
+    await anterior.click();
+    // OHIF computes the segment's statistics after the jump and shows them in a tooltip while the
+    // pointer rests on the segment's row. On a busy CPU they can come after the tooltip was
+    // drawn without them, so the pointer leaves the row and comes back until they show.
+    const statsShown = () => /Hippocampus anterior[\s\S]*?Volume\s*[\d,.]+\s*mm/.test(document.body.innerText);
+    result.seg_stats_hovers = 0;
+    for (const deadline = Date.now() + 90000; Date.now() < deadline; result.seg_stats_hovers += 1) {
+      if (await page.waitForFunction(statsShown, null, { timeout: 5000 }).then(() => true, () => false)) break;
+      await page.mouse.move(1, 1);
+      await page.waitForTimeout(500);
+      await anterior.hover();
+    }
     await page.waitForTimeout(1500);
     result.seg_anterior_viewport = text(await page.locator('[data-cy="viewport-pane"]').first().innerText());
     // The segment's statistics as OHIF computes them from the labelmap it decoded.
