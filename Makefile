@@ -11,8 +11,13 @@ setup-test:
 demo: setup
 	.venv/bin/python -m deploy.local.demo
 
+# Two test processes (pytest-xdist), each running whole test files: most integration tests wait on
+# the servers they start, so two files at a time take about half the time on two cores. The tests
+# marked `timing` compare durations or CPU shares, so they run afterwards, alone.
 test: setup-test
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile -m "not timing"; parallel=$$?; \
+	.venv/bin/python -m pytest -m timing; alone=$$?; \
+	[ $$parallel -eq 0 ] && [ $$alone -eq 0 ]
 
 lint: setup-test
 	.venv/bin/python -m mypy

@@ -15,7 +15,7 @@ from deploy.local.orthanc_process import OrthancProcess, free_port, run_storescu
 from tests.conftest import SHARED_DATA, sr_content_items
 from tests.factories import series_from_nifti, write_datasets
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 
 #: The first job after start-up may take this much longer than the next (issue 12: at most 1.5x),
 #: plus an absolute slack for a busy 2-core machine; without a warm-up it pays ~0.9 s of imports,

@@ -20,7 +20,7 @@ from deploy.local.orthanc_process import DCMTK_ENV, StoreScpProcess, free_port, 
 from tests.conftest import HIPPO_DICOM
 from tests.integration.raw_association import EXPLICIT_LITTLE, RawAssociation, associate_rq
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 
 SERIES = HIPPO_DICOM / "Study2" / "14_HCropVolume"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

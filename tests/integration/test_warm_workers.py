@@ -14,7 +14,7 @@ from deploy.local.node_process import NodeProcess
 from deploy.local.orthanc_process import free_port, run_storescu, wait_until
 from tests.conftest import HIPPO_DICOM
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timing]
 
 CROP_SERIES = HIPPO_DICOM / "Study1" / "13_HCropVolume"
 WARM_JOBS = 3
