@@ -35,6 +35,10 @@ def _problems() -> tuple[str, ...]:
         problems.append("DULServiceProvider.assoc (the DUL thread's association) is gone")
     if not hasattr(dul, "socket"):
         problems.append("DULServiceProvider.socket (the association's transport) is gone")
+    if not callable(getattr(assoc, "_serve_request", None)):
+        problems.append("Association._serve_request (where the reactor hands a message it took) is gone")
+    if not callable(getattr(getattr(assoc.dimse, "msg_queue", None), "put", None)):
+        problems.append("DIMSEServiceProvider.msg_queue (the queue a request's response is read from) is gone")
     if not callable(getattr(assoc.acse, "send_reject", None)):
         problems.append("ACSE.send_reject is gone")
     if not hasattr(assoc.requestor, "primitive"):
@@ -48,8 +52,8 @@ def check_pynetdicom_internals() -> None:
     """Check every pynetdicom internal the Storage SCP and the sender use.
 
     Setting a private attribute that an upgrade renamed would raise nothing and silently undo
-    what it was for (the idle CPU of pending connections, the A-ASSOCIATE-RJ race), so the
-    node refuses to start instead.
+    what it was for (the idle CPU of pending connections, the A-ASSOCIATE-RJ race, a response
+    the reactor took), so the node refuses to start instead.
 
     Raises
     ------

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_node.cli.main import main
 from dicom_node.config import Destination
+from dicom_node.deliver import sender
 from dicom_node.errors import DeliveryFailed
 from dicom_node.deliver.delivery import backoff_s
 from dicom_node.deliver.sender import echo, send_files
@@ -70,3 +76,52 @@ def test_cli_send_to_nobody_fails_clearly(capsys: pytest.CaptureFixture[str]) ->
     )
     assert result.returncode == 1
     assert "failed: cannot connect to PACS@127.0.0.1" in result.stderr
+
+
+class _LateReactor(threading.Event):
+    """pynetdicom's reactor checkpoint, with the reactor held up right after it passes it.
+
+    pynetdicom pauses its association reactor before a C-STORE by clearing the checkpoint and
+    waiting for the reactor's ``_is_paused`` flag, which the reactor sets before it waits and
+    clears after. A reactor that has just passed the checkpoint still shows the flag, so the
+    C-STORE goes out while the reactor goes on to look for a message, and it can take the
+    peer's response (pynetdicom logs "Received unexpected C-STORE service message"). Here the
+    reactor lingers 50 ms past the checkpoint and the sender takes 100 ms to look for the
+    response, as a busy machine can schedule them, so nearly every C-STORE meets that race.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)  # only the reactor waits on it
+        time.sleep(0.05)
+        return passed
+
+
+def test_a_response_taken_by_pynetdicom_s_reactor_still_reaches_the_sender(
+    storescp: StoreScpProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every C-STORE gets its response even when the association's reactor takes it first."""
+    def late_reactor(ae: AE, destination: Destination) -> Association:
+        assoc = real_associate(ae, destination)
+        assoc._reactor_checkpoint = _LateReactor()
+        get_msg = assoc.dimse.get_msg
+
+        def late_sender(block: bool = False) -> Any:
+            if block:  # the sender waiting for its response; the reactor never blocks
+                time.sleep(0.1)
+            return get_msg(block)
+
+        assoc.dimse.get_msg = late_sender  # type: ignore[method-assign]
+        return assoc
+
+    real_associate = sender.associate
+    monkeypatch.setattr(sender, "associate", late_reactor)
+    files = sorted(HIPPO_CROP_STUDY1.glob("*.dcm"))[:5]
+    destination = Destination(ae_title=storescp.aet, host=storescp.host, port=storescp.port)
+    started = time.monotonic()
+    stored = send_files(files, destination, calling_ae_title="DICOMNODE", timeout_s=5)
+    assert stored == [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    assert time.monotonic() - started < 4.0  # no response waited out its DIMSE timeout

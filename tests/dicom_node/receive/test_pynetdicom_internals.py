@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.acse import ACSE
-from pynetdicom.association import ServiceUser
+from pynetdicom.association import Association, ServiceUser
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import StateMachine
 from pynetdicom.presentation import PresentationContext
@@ -36,6 +37,7 @@ INSTANCE_ATTRIBUTES = [
     (StateMachine, "current_state", "state_machine.current_state"),
     (PresentationContext, "_transfer_syntax", "PresentationContext._transfer_syntax"),
     (ServiceUser, "primitive", "ServiceUser.primitive"),
+    (DIMSEServiceProvider, "msg_queue", "DIMSEServiceProvider.msg_queue"),
 ]
 
 
@@ -58,6 +60,7 @@ def test_a_removed_instance_attribute_stops_the_start(
 
 @pytest.mark.parametrize(("owner", "attribute", "named"), [
     (ACSE, "send_reject", "ACSE.send_reject"),
+    (Association, "_serve_request", "Association._serve_request"),
     (pynetdicom_config, "LOG_HANDLER_LEVEL", "pynetdicom._config.LOG_HANDLER_LEVEL"),
     (pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", "pynetdicom._config.STORE_SEND_CHUNKED_DATASET"),
 ])
