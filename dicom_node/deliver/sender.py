@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,19 +82,28 @@ class _ResponsesForTheCaller:
     checkpoint and waiting for the reactor's paused flag; a reactor that has just passed the
     checkpoint still shows that flag, goes on to look for a message, and can take the peer's
     response. pynetdicom then logs "Received unexpected C-STORE service message" and drops it,
-    and the request waits out its DIMSE timeout (pydicom/pynetdicom#875; measured here about
-    once in 400 results). While :attr:`waiting` is set, a response the reactor takes goes back
-    on the queue the request reads.
+    and the request waits out its DIMSE timeout (pydicom/pynetdicom#875; seen twice in about
+    5,000 results sent by the scale-out benchmark). While a request runs in :meth:`awaiting`,
+    a response the reactor takes goes back on the queue the request reads.
     """
 
     def __init__(self, assoc: Association) -> None:
-        self.waiting = threading.Event()
+        self._waiting = threading.Event()
         self._assoc = assoc
         self._serve = assoc._serve_request
         assoc._serve_request = self._serve_or_hand_back  # type: ignore[method-assign]
 
+    @contextmanager
+    def awaiting(self) -> Iterator[None]:
+        """Mark the block as a request of ours waiting for its response."""
+        self._waiting.set()
+        try:
+            yield
+        finally:
+            self._waiting.clear()
+
     def _serve_or_hand_back(self, msg: Any, context_id: int) -> None:
-        if self.waiting.is_set() and not msg.is_valid_request:
+        if self._waiting.is_set() and not msg.is_valid_request:
             self._assoc.dimse.msg_queue.put((context_id, msg))
             return
         self._serve(msg, context_id)
@@ -165,11 +175,8 @@ def send_files(
         for path, ds in headers:
             as_stored = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) in accepted
             request = path if as_stored else pydicom.dcmread(path)
-            responses.waiting.set()
-            try:
+            with responses.awaiting():
                 rsp = assoc.send_c_store(request)
-            finally:
-                responses.waiting.clear()
             code = getattr(rsp, "Status", None)
             if code is None:
                 raise DeliveryFailed(
@@ -198,12 +205,10 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if not assoc.is_established:
         raise DeliveryFailed(f"cannot associate with {where}", retryable=True)
-    responses = _ResponsesForTheCaller(assoc)
-    responses.waiting.set()
     try:
-        rsp = assoc.send_c_echo()
+        with _ResponsesForTheCaller(assoc).awaiting():
+            rsp = assoc.send_c_echo()
     finally:
-        responses.waiting.clear()
         assoc.release()
     code = getattr(rsp, "Status", None)
     if code is None:
